@@ -1,0 +1,103 @@
+"""The image cache: ``<root>/<kind>/<key>/`` directories, one per content hash.
+
+The root is, in order: an explicit path (``--dma-cache``, ``--cache``), the
+``DMA_HARNESS_CACHE`` environment variable, or platformdirs' user cache dir
+(``~/.cache/dma-harness`` on Linux). An entry is built in a temporary sibling
+directory and renamed into place, under an exclusive ``flock`` on
+``<kind>/<key>.lock``, so concurrent runs never see half-built entries.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import platformdirs
+
+CACHE_ENV = "DMA_HARNESS_CACHE"
+APP_NAME = "dma-harness"
+
+
+def recipes_dir() -> Path:
+    """The project's ``images/`` recipe folder (kernel fragment, init, sshd config)."""
+    return Path(__file__).resolve().parent.parent.parent / "images"
+
+
+def default_cache_root(explicit: str | os.PathLike[str] | None = None) -> Path:
+    if explicit:
+        return Path(explicit).expanduser().resolve()
+    env = os.environ.get(CACHE_ENV)
+    if env:
+        return Path(env).expanduser().resolve()
+    return Path(platformdirs.user_cache_dir(APP_NAME))
+
+
+def content_key(parts: Mapping[str, str | bytes]) -> str:
+    """A short sha256 over named parts (order-independent in the mapping's keys)."""
+    h = hashlib.sha256()
+    for name in sorted(parts):
+        value = parts[name]
+        data = value.encode() if isinstance(value, str) else value
+        h.update(name.encode() + b"\0" + len(data).to_bytes(8, "little") + data)
+    return h.hexdigest()[:16]
+
+
+class ImageCache:
+    """A cache root with keyed entries. ``entry(kind, key)`` is ``root/kind/key``."""
+
+    def __init__(self, root: str | os.PathLike[str] | None = None):
+        self.root = default_cache_root(root)
+
+    def __repr__(self) -> str:
+        return f"ImageCache({str(self.root)!r})"
+
+    def path(self, *parts: str) -> Path:
+        return self.root.joinpath(*parts)
+
+    def entry(self, kind: str, key: str) -> Path:
+        return self.root / kind / key
+
+    def complete(self, kind: str, key: str) -> bool:
+        return (self.entry(kind, key) / "manifest.json").is_file()
+
+    def manifest(self, kind: str, key: str) -> dict[str, Any]:
+        data: dict[str, Any] = json.loads((self.entry(kind, key) / "manifest.json").read_text())
+        return data
+
+    @contextlib.contextmanager
+    def lock(self, kind: str, key: str) -> Iterator[None]:
+        """Hold an exclusive lock for building ``kind/key`` (blocks while another holds it)."""
+        d = self.root / kind
+        d.mkdir(parents=True, exist_ok=True)
+        with open(d / f"{key}.lock", "w") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    @contextlib.contextmanager
+    def building(self, kind: str, key: str) -> Iterator[Path]:
+        """A fresh temporary directory that becomes ``kind/key`` if the block succeeds.
+
+        The caller writes its outputs and ``manifest.json`` (last) into it. On any
+        exception the temporary directory is removed and nothing is published.
+        """
+        final = self.entry(kind, key)
+        tmp = final.with_name(f"{key}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        try:
+            yield tmp
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.rename(final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,252 @@
+"""The guest kernel: Debian's ``linux-source-6.12`` (bookworm-backports) built as
+x86_64 ``defconfig`` + ``kvm_guest.config`` + the project fragment
+``images/kernel.fragment``, everything built in (no modules).
+
+Cache key: sha256 over the recipe (package, suite, fragment, required list, recipe
+version). The resolved Debian package version is recorded in ``manifest.json``; a
+rebuild against a newer package is asked for with ``refresh=True``.
+
+Raises :class:`~harness.errors.KernelConfigError` naming every required option that
+did not survive ``olddefconfig``; other failed steps raise
+:class:`~harness.errors.ImageError` naming their log file.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import hashlib
+import json
+import lzma
+import os
+import shutil
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from harness.errors import ImageError, KernelConfigError
+from harness.images.cache import ImageCache, content_key, recipes_dir
+from harness.images.steps import announce, run_step
+
+KERNEL_PACKAGE = "linux-source-6.12"
+KERNEL_SUITE = "bookworm-backports"
+DEBIAN_MIRROR = "http://deb.debian.org/debian"
+RECIPE_VERSION = "kernel-recipe-1"
+
+
+class KernelConfigWarning(UserWarning):
+    """A user-supplied kernel whose required options cannot be confirmed."""
+
+
+@dataclass(frozen=True)
+class KernelImage:
+    """A bootable x86 kernel: ``bzimage`` path and, if known, its ``.config`` path."""
+
+    bzimage: Path
+    config: Path | None
+    origin: str  # "built <key> (<package version>)" or "user"
+
+    def options(self) -> dict[str, str] | None:
+        if self.config is None:
+            return None
+        return parse_kconfig(self.config.read_text(errors="replace"))
+
+
+def required_options() -> list[str]:
+    """Option names (without ``CONFIG_``) that must be ``=y``, from images/kernel.required."""
+    text = (recipes_dir() / "kernel.required").read_text()
+    return [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
+
+
+def parse_kconfig(text: str) -> dict[str, str]:
+    """``CONFIG_FOO=y`` lines -> ``{"FOO": "y"}``; ``# CONFIG_FOO is not set`` -> ``"n"``."""
+    out: dict[str, str] = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("CONFIG_") and "=" in line:
+            name, _, value = line.partition("=")
+            out[name[len("CONFIG_"):]] = value
+        elif line.startswith("# CONFIG_") and line.endswith(" is not set"):
+            out[line[len("# CONFIG_"):-len(" is not set")]] = "n"
+    return out
+
+
+def missing_options(options: dict[str, str], required: list[str] | None = None) -> list[str]:
+    """Required option names whose value is not ``y``."""
+    return [name for name in (required or required_options()) if options.get(name) != "y"]
+
+
+def recipe_key() -> str:
+    r = recipes_dir()
+    return content_key({
+        "recipe": RECIPE_VERSION,
+        "package": KERNEL_PACKAGE,
+        "suite": KERNEL_SUITE,
+        "fragment": (r / "kernel.fragment").read_bytes(),
+        "required": (r / "kernel.required").read_bytes(),
+    })
+
+
+def ensure_kernel(cache: ImageCache, *, refresh: bool = False, jobs: int | None = None) -> KernelImage:
+    """Return the cached kernel, building it first if needed (about 9 min on 2 cores)."""
+    key = recipe_key()
+    with cache.lock("kernel", key):
+        if refresh and cache.complete("kernel", key):
+            shutil.rmtree(cache.entry("kernel", key))
+        if not cache.complete("kernel", key):
+            _build(cache, key, jobs or os.cpu_count() or 1)
+    entry = cache.entry("kernel", key)
+    manifest = cache.manifest("kernel", key)
+    return KernelImage(entry / "bzImage", entry / "config", f"built {key} ({KERNEL_PACKAGE} {manifest['version']})")
+
+
+def user_kernel(path: str | os.PathLike[str]) -> KernelImage:
+    """A kernel the user brought. Its config is read from ``<bzImage>.config``, a
+    ``config`` file beside it, or the embedded IKCONFIG; required options that
+    cannot be confirmed give a :class:`KernelConfigWarning`.
+
+    Raises:
+        ConfigError-like :class:`KernelConfigError`: the config is readable and a
+            required option is missing.
+        ImageError: the file does not exist.
+    """
+    bz = Path(path).expanduser().resolve()
+    if not bz.is_file():
+        raise ImageError(f"kernel {str(bz)!r} does not exist")
+    config_path: Path | None = None
+    for cand in (bz.with_name(bz.name + ".config"), bz.parent / "config", bz.parent / ".config"):
+        if cand.is_file():
+            config_path = cand
+            break
+    text = config_path.read_text(errors="replace") if config_path else extract_ikconfig(bz)
+    if text is None:
+        warnings.warn(
+            f"cannot read the configuration of {bz}: required options not confirmed: "
+            + ", ".join("CONFIG_" + o for o in required_options()),
+            KernelConfigWarning, stacklevel=2)
+        return KernelImage(bz, None, "user")
+    missing = missing_options(parse_kconfig(text))
+    if missing:
+        raise KernelConfigError(
+            f"kernel {bz} lacks required options: " + ", ".join("CONFIG_" + m for m in missing),
+            missing=missing)
+    return KernelImage(bz, config_path, "user")
+
+
+def extract_ikconfig(bzimage: Path) -> str | None:
+    """The embedded ``.config`` of a kernel built with CONFIG_IKCONFIG, or None.
+
+    Like the kernel's scripts/extract-ikconfig: find a gzip or xz stream in the
+    image, decompress it, and look for the IKCFG_ST marker followed by a gzip blob.
+    """
+    data = bzimage.read_bytes()
+    candidates: list[bytes] = [data]
+    for magic, opener in ((b"\x1f\x8b\x08", "gzip"), (b"\xfd7zXZ\x00", "xz")):
+        pos = data.find(magic)
+        while pos != -1 and len(candidates) < 8:
+            try:
+                if opener == "gzip":
+                    candidates.append(gzip.GzipFile(fileobj=_Reader(data[pos:])).read())
+                else:
+                    candidates.append(lzma.LZMADecompressor().decompress(data[pos:]))
+                break
+            except (OSError, EOFError, lzma.LZMAError):
+                pos = data.find(magic, pos + 1)
+    for blob in candidates:
+        i = blob.find(b"IKCFG_ST")
+        if i != -1:
+            try:
+                return gzip.decompress(blob[i + 8:blob.find(b"IKCFG_ED", i)]).decode(errors="replace")
+            except (OSError, EOFError):
+                continue
+    return None
+
+
+class _Reader:
+    def __init__(self, data: bytes):
+        import io
+        self._io = io.BytesIO(data)
+
+    def read(self, n: int = -1) -> bytes:
+        return self._io.read(n)
+
+
+def _apt_options(cache: ImageCache) -> list[str]:
+    base = cache.path("apt", KERNEL_SUITE)
+    (base / "lists" / "partial").mkdir(parents=True, exist_ok=True)
+    (base / "archives" / "partial").mkdir(parents=True, exist_ok=True)
+    sources = base / "sources.list"
+    sources.write_text(f"deb {DEBIAN_MIRROR} {KERNEL_SUITE} main\n")
+    return [
+        "-o", f"Dir::Etc::SourceList={sources}",
+        "-o", "Dir::Etc::SourceParts=/dev/null",
+        "-o", f"Dir::State::Lists={base / 'lists'}",
+        "-o", f"Dir::Cache::Archives={base / 'archives'}",
+        "-o", "Debug::NoLocking=1",
+        "-o", "APT::Sandbox::User=root",
+    ]
+
+
+def _build(cache: ImageCache, key: str, jobs: int) -> None:
+    started = time.monotonic()
+    build = cache.path("kernel", f"{key}.build")
+    shutil.rmtree(build, ignore_errors=True)
+    build.mkdir(parents=True)
+    log = cache.path("kernel", f"{key}.log")
+    log.write_text(f"kernel build {key}\n")
+    announce(f"building guest kernel {key} from {KERNEL_PACKAGE} ({KERNEL_SUITE}); log: {log}")
+    apt = _apt_options(cache)
+    downloads = cache.path("downloads")
+    downloads.mkdir(parents=True, exist_ok=True)
+    run_step("apt-get update (" + KERNEL_SUITE + ")", ["apt-get", *apt, "update"], log=log)
+    for old in glob.glob(str(downloads / f"{KERNEL_PACKAGE}_*.deb")):
+        os.unlink(old)
+    run_step(f"download {KERNEL_PACKAGE}", ["apt-get", *apt, "download", KERNEL_PACKAGE], log=log, cwd=downloads)
+    debs = sorted(downloads.glob(f"{KERNEL_PACKAGE}_*.deb"))
+    if not debs:
+        raise ImageError(f"apt-get download left no {KERNEL_PACKAGE} .deb in {downloads}", log=str(log))
+    deb = debs[-1]
+    version = deb.name.split("_")[1]
+    run_step("unpack .deb", ["dpkg-deb", "-x", deb, build / "deb"], log=log)
+    tarballs = list((build / "deb" / "usr" / "src").glob("linux-source-*.tar.*"))
+    if not tarballs:
+        raise ImageError(f"no linux-source tarball inside {deb}", log=str(log))
+    run_step("unpack kernel source", ["tar", "-x", "--use-compress-program=xz -T0", "-f", tarballs[0],
+                                      "-C", build], log=log)
+    shutil.rmtree(build / "deb")
+    src = next(p for p in build.iterdir() if p.is_dir() and p.name.startswith("linux-source"))
+    fragment = recipes_dir() / "kernel.fragment"
+    run_step("make defconfig", ["make", "-C", src, "defconfig"], log=log)
+    run_step("make kvm_guest.config", ["make", "-C", src, "kvm_guest.config"], log=log)
+    run_step("merge fragment", [src / "scripts" / "kconfig" / "merge_config.sh", "-m", "-O", src,
+                                src / ".config", fragment], log=log)
+    run_step("make olddefconfig", ["make", "-C", src, "olddefconfig"], log=log)
+    missing = missing_options(parse_kconfig((src / ".config").read_text()))
+    if missing:
+        raise KernelConfigError(
+            "required kernel options did not survive olddefconfig: "
+            + ", ".join("CONFIG_" + m for m in missing), missing=missing, log=str(log))
+    run_step(f"make -j{jobs} bzImage (about 9 min on 2 cores)",
+             ["make", "-C", src, f"-j{jobs}", "bzImage"], log=log)
+    with cache.building("kernel", key) as out:
+        shutil.copy2(src / "arch" / "x86" / "boot" / "bzImage", out / "bzImage")
+        shutil.copy2(src / ".config", out / "config")
+        shutil.copy2(log, out / "build.log")
+        (out / "manifest.json").write_text(json.dumps({
+            "key": key, "package": KERNEL_PACKAGE, "suite": KERNEL_SUITE, "version": version,
+            "deb_sha256": _sha256(deb), "build_seconds": round(time.monotonic() - started, 1),
+            "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }, indent=2) + "\n")
+    if not os.environ.get("DMA_HARNESS_KEEP_BUILD"):
+        shutil.rmtree(build, ignore_errors=True)
+        os.unlink(deb)
+    announce(f"kernel ready: {cache.entry('kernel', key) / 'bzImage'}")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -1,0 +1,134 @@
+"""The guest root filesystem: Debian bookworm from ``mmdebstrap --variant=minbase``
+with the packages listed in ``images/rootfs/packages``, as a newc initramfs.
+
+Two layers, concatenated into one initrd (the kernel unpacks concatenated cpio
+archives in order):
+
+- the *base* (``rootfs/<key>/base.cpio``): Debian packages only; keyed by the
+  package list and recipe version; about 20 s to build, rebuilt rarely;
+- the *overlay* (``initrd/<key>/initrd.cpio`` = base + overlay): ``/init``, the
+  sshd configuration, the harness's public key and ``guest_agent``; keyed by their
+  content, so editing the agent rebuilds only this layer (well under a second).
+
+An initramfs was chosen over a disk image: every boot starts from a pristine root,
+no per-VM image copy is needed, and no block device of the harness's own shares the
+vIOMMU with the devices under test.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from harness.errors import ImageError
+from harness.images.cache import ImageCache, content_key, recipes_dir
+from harness.images.cpio import NewcWriter, tar_to_newc
+from harness.images.sshkey import SSHKey
+from harness.images.steps import announce, run_step
+
+SUITE = "bookworm"
+DEBIAN_MIRROR = "http://deb.debian.org/debian"
+RECIPE_VERSION = "rootfs-recipe-1"
+AGENT_DIR = Path(__file__).resolve().parent.parent.parent / "guest_agent"
+EXCLUDES = ["/usr/share/doc/*", "/usr/share/man/*", "/usr/share/info/*", "/usr/share/locale/*",
+            "/usr/share/lintian/*", "/usr/share/zoneinfo/right/*"]
+
+
+@dataclass(frozen=True)
+class Initrd:
+    """The bootable initramfs and the guest's SSH host public key (for pinning)."""
+
+    path: Path
+    host_key: str  # "ssh-ed25519 AAAA..." line of the guest's host key
+
+
+def packages() -> list[str]:
+    text = (recipes_dir() / "rootfs" / "packages").read_text()
+    return [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
+
+
+def base_key() -> str:
+    return content_key({"recipe": RECIPE_VERSION, "suite": SUITE, "packages": "\n".join(packages()),
+                        "excludes": "\n".join(EXCLUDES)})
+
+
+def ensure_base(cache: ImageCache, *, refresh: bool = False) -> Path:
+    """Return the base root filesystem directory (``base.cpio``, ``ssh_host_ed25519_key.pub``)."""
+    key = base_key()
+    with cache.lock("rootfs", key):
+        if refresh and cache.complete("rootfs", key):
+            shutil.rmtree(cache.entry("rootfs", key))
+        if not cache.complete("rootfs", key):
+            _build_base(cache, key)
+    return cache.entry("rootfs", key)
+
+
+def _build_base(cache: ImageCache, key: str) -> None:
+    started = time.monotonic()
+    log = cache.path("rootfs", f"{key}.log")
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_text(f"rootfs build {key}\n")
+    announce(f"building guest root filesystem {key} (Debian {SUITE}); log: {log}")
+    with cache.building("rootfs", key) as out:
+        tar = out / "rootfs.tar"
+        argv: list[str] = ["mmdebstrap", "--variant=minbase", "--include=" + ",".join(packages())]
+        argv += [f"--dpkgopt=path-exclude={pattern}" for pattern in EXCLUDES]
+        argv += [
+            "--customize-hook=rm -rf \"$1\"/var/lib/apt/lists/* \"$1\"/var/cache/apt/*",
+            f"--customize-hook=copy-out /etc/ssh/ssh_host_ed25519_key.pub {out}",
+            SUITE, str(tar), DEBIAN_MIRROR,
+        ]
+        run_step("mmdebstrap", argv, log=log)
+        if not (out / "ssh_host_ed25519_key.pub").is_file():
+            raise ImageError("the root filesystem has no SSH host key", log=str(log))
+        entries = tar_to_newc(tar, out / "base.cpio")
+        tar.unlink()
+        (out / "manifest.json").write_text(json.dumps({
+            "key": key, "suite": SUITE, "packages": packages(), "entries": entries,
+            "bytes": (out / "base.cpio").stat().st_size,
+            "build_seconds": round(time.monotonic() - started, 1),
+            "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }, indent=2) + "\n")
+        shutil.copy2(log, out / "build.log")
+    announce(f"root filesystem ready in {time.monotonic() - started:.0f}s")
+
+
+def _agent_files() -> dict[str, bytes]:
+    if not (AGENT_DIR / "__main__.py").is_file():
+        raise ImageError(f"guest agent sources not found in {AGENT_DIR}")
+    return {f"opt/dma-harness/guest_agent/{p.name}": p.read_bytes()
+            for p in sorted(AGENT_DIR.glob("*.py"))}
+
+
+def ensure_initrd(cache: ImageCache, key_pair: SSHKey, *, refresh: bool = False) -> Initrd:
+    """Return the full initrd (base + overlay), building whichever layer is stale."""
+    base = ensure_base(cache, refresh=refresh)
+    r = recipes_dir() / "rootfs"
+    agent = _agent_files()
+    pub = key_pair.public_line().encode() + b"\n"
+    overlay_parts: dict[str, str | bytes] = {"base": base.name, "init": (r / "init").read_bytes(),
+                                             "sshd": (r / "sshd_config").read_bytes(), "pub": pub}
+    overlay_parts.update(agent)
+    key = content_key(overlay_parts)
+    host_key = (base / "ssh_host_ed25519_key.pub").read_text().strip()
+    with cache.lock("initrd", key):
+        if not cache.complete("initrd", key):
+            with cache.building("initrd", key) as out:
+                target = out / "initrd.cpio"
+                shutil.copyfile(base / "base.cpio", target)
+                with open(target, "ab") as fh:
+                    w = NewcWriter(fh)
+                    w.add_file("init", (r / "init").read_bytes(), 0o755)
+                    w.add_file("etc/ssh/sshd_config.d/dma-harness.conf", (r / "sshd_config").read_bytes())
+                    w.add_dir("etc/ssh/authorized_keys", 0o755)
+                    w.add_file("etc/ssh/authorized_keys/root", pub, 0o600)
+                    for d in ("opt", "opt/dma-harness", "opt/dma-harness/guest_agent"):
+                        w.add_dir(d)
+                    for name, data in agent.items():
+                        w.add_file(name, data)
+                    w.close()
+                (out / "manifest.json").write_text(json.dumps({"key": key, "base": base.name}) + "\n")
+    return Initrd(cache.entry("initrd", key) / "initrd.cpio", host_key)

@@ -1,0 +1,10 @@
+"""VM orchestration: devices and machine spec rendered to argv, the QEMU process
+with QMP, console, SSH and the guest agent channel, and accelerator selection.
+Knows nothing about the reference models."""
+
+from harness.vm.devices import Device, IntelIommu, NvmeController, NvmeNamespace
+from harness.vm.machine import VM, BootImages, find_qemu
+from harness.vm.spec import MachineSpec
+
+__all__ = ["VM", "BootImages", "Device", "IntelIommu", "MachineSpec", "NvmeController", "NvmeNamespace",
+           "find_qemu"]

@@ -1,0 +1,82 @@
+"""Choosing the accelerator. ``auto`` uses KVM only if a probe guest really boots
+under it within a few seconds; otherwise TCG. The probe boots the harness's own
+kernel with no root filesystem: a working accelerator gets it to print its banner
+and panic ("VFS: Unable to mount root fs"), then QEMU exits (``-no-reboot``).
+
+Results are cached per host boot (``/proc/sys/kernel/random/boot_id``), QEMU binary
+and kernel, so the probe runs once per machine boot.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+PROBE_TIMEOUT = 10.0
+
+
+@dataclass(frozen=True)
+class AccelChoice:
+    accel: str   # "kvm" or "tcg"
+    reason: str
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return "unknown"
+
+
+def probe_kvm(qemu: str, kernel: Path, timeout: float = PROBE_TIMEOUT) -> tuple[bool, str]:
+    """Boot ``kernel`` under KVM with no root fs; (True, detail) if it reached its panic."""
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return False, "/dev/kvm is not accessible"
+    with tempfile.TemporaryDirectory(prefix="dma-harness-probe-") as d:
+        log = Path(d) / "console.log"
+        argv = [qemu, "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+                "-machine", "q35,accel=kvm", "-cpu", "host", "-m", "256",
+                "-kernel", str(kernel), "-append", "console=ttyS0 panic=-1 loglevel=4",
+                "-chardev", f"file,id=c0,path={log}", "-serial", "chardev:c0"]
+        start = time.monotonic()
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            out, _ = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+            return False, f"a KVM probe guest printed nothing useful within {timeout:.0f}s"
+        text = log.read_text(errors="replace") if log.exists() else ""
+        if "Kernel panic" in text or "VFS:" in text:
+            return True, f"a KVM probe guest booted to its root mount in {time.monotonic() - start:.1f}s"
+        return False, ("KVM probe guest failed: " + out.decode(errors="replace").strip()[-200:]) or "no output"
+
+
+def resolve_accel(requested: str, qemu: str, kernel: Path, cache_dir: Path | None = None) -> AccelChoice:
+    """Map ``auto``/``tcg``/``kvm`` to the accelerator a VM will use."""
+    if requested == "tcg":
+        return AccelChoice("tcg", "requested")
+    if requested == "kvm":
+        return AccelChoice("kvm", "requested")
+    key = hashlib.sha256(f"{_boot_id()}|{qemu}|{os.path.getmtime(qemu)}|{kernel}".encode()).hexdigest()[:16]
+    cache_file = (cache_dir / "accel-probe.json") if cache_dir else None
+    if cache_file and cache_file.exists():
+        try:
+            cached = json.loads(cache_file.read_text())
+            if cached.get("key") == key:
+                return AccelChoice(cached["accel"], cached["reason"] + " (cached)")
+        except (OSError, ValueError, KeyError):
+            pass
+    ok, detail = probe_kvm(qemu, kernel)
+    choice = AccelChoice("kvm", detail) if ok else AccelChoice("tcg", detail)
+    if cache_file:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        cache_file.write_text(json.dumps({"key": key, "accel": choice.accel, "reason": choice.reason}))
+    return choice

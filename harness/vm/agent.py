@@ -1,0 +1,87 @@
+"""Host side of the guest agent channel (JSON lines; see guest_agent/__init__.py)."""
+
+from __future__ import annotations
+
+import json
+import select
+import socket
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from harness.errors import AgentError
+
+
+class AgentChannel(Protocol):
+    """What a workload needs from a guest: call an agent op and get its result."""
+
+    def call(self, op: str, timeout: float = 60.0, **args: Any) -> Any: ...
+
+
+class SocketAgent:
+    """The agent over a connected stream socket (QEMU's virtio-serial chardev).
+
+    ``check`` is called while waiting (about every 100 ms) and may raise, e.g.
+    when QEMU exited or the guest panicked, so no wait outlives the guest.
+    """
+
+    def __init__(self, sock: socket.socket, check: Callable[[], None]):
+        self._sock = sock
+        self._check = check
+        self._buf = b""
+        self._next_id = 1
+        self.hello: dict[str, Any] | None = None
+
+    def _read_message(self, deadline: float, what: str) -> dict[str, Any]:
+        while b"\n" not in self._buf:
+            self._check()
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"no answer from the guest agent for {what}")
+            ready, _, _ = select.select([self._sock], [], [], min(0.1, remaining))
+            if ready:
+                chunk = self._sock.recv(65536)
+                if not chunk:
+                    self._check()
+                    raise AgentError(f"guest agent channel closed while waiting for {what}")
+                self._buf += chunk
+        line, _, self._buf = self._buf.partition(b"\n")
+        try:
+            msg: dict[str, Any] = json.loads(line)
+        except ValueError as exc:
+            raise AgentError(f"guest agent sent garbage: {line[:200]!r}") from exc
+        return msg
+
+    def wait_hello(self, timeout: float) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            msg = self._read_message(deadline, "its start-up")
+            if msg.get("event") == "ready":
+                self.hello = msg
+                return msg
+
+    def call(self, op: str, timeout: float = 60.0, **args: Any) -> Any:
+        """Run ``op`` in the guest and return its result.
+
+        Raises:
+            AgentError: the agent answered with an error (its type, errno, message).
+            TimeoutError: no answer within ``timeout`` seconds.
+        """
+        rid = self._next_id
+        self._next_id += 1
+        request = {"id": rid, "op": op, "args": args}
+        self._sock.sendall(json.dumps(request).encode() + b"\n")
+        deadline = time.monotonic() + timeout
+        while True:
+            reply = self._read_message(deadline, f"op {op!r}")
+            if reply.get("id") == rid:
+                break
+        if not reply.get("ok"):
+            err = reply.get("error") or {}
+            raise AgentError(f"guest agent op {op!r} failed: {err.get('type')}: {err.get('message')}"
+                             + (f" (errno {err['errno']})" if err.get("errno") else ""),
+                             request=request, reply=reply)
+        return reply.get("result")
+
+    def close(self) -> None:
+        self._sock.close()

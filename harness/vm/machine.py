@@ -1,0 +1,377 @@
+"""The VM: one context manager that owns a QEMU process, its private run directory,
+QMP, the console, SSH, the guest agent channel and the trace log.
+
+Life of a VM::
+
+    with VM(spec, images, accel="tcg") as vm:   # launch + wait for the guest agent
+        vm.agent.call("nvme.pattern_rw", ...)
+        vm.shutdown()                            # optional: stop early to read logs
+        vm.save_artifacts(folder)                # optional
+    # QEMU's process group is gone and the run directory removed, whatever happened
+
+QEMU runs from an argv list (never a shell) in its own session/process group, with
+PR_SET_PDEATHSIG so it dies with the harness. Shutdown is QMP ``quit``, then SIGKILL
+of the process group after ``kill_timeout`` seconds. A guest panic (pvpanic ->
+QMP GUEST_PANICKED) raises :class:`GuestPanicked` from any wait.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import paramiko
+
+from harness.errors import GuestBootTimeout, GuestPanicked, QEMUNotFound, VMError, VMLaunchError
+from harness.vm import ssh as ssh_mod
+from harness.vm.agent import SocketAgent
+from harness.vm.console import Console, tail_lines
+from harness.vm.devices import RenderContext
+from harness.vm.qmpmonitor import QMPMonitor
+from harness.vm.spec import MachineSpec
+
+AGENT_PORT_NAME = "org.dmaharness.agent.0"
+RUN_PREFIX = "dma-harness-"
+ARTIFACT_FILES = ("argv.json", "console.log", "qmp.log", "trace.log", "qemu.log", "spec.json")
+
+
+@dataclass(frozen=True)
+class BootImages:
+    """What a VM boots: kernel, initrd, and the SSH material to reach it."""
+
+    kernel: Path
+    initrd: Path
+    ssh_key: Path | None = None
+    host_key: str | None = None
+
+
+def find_qemu(binary: str | None = None) -> str:
+    """Resolve the QEMU binary (argument, DMA_HARNESS_QEMU, qemu-system-x86_64 on PATH).
+
+    Raises QEMUNotFound with the install hint.
+    """
+    name = binary or os.environ.get("DMA_HARNESS_QEMU") or "qemu-system-x86_64"
+    path = shutil.which(name)
+    if path is None:
+        raise QEMUNotFound(name)
+    return path
+
+
+def run_base() -> Path:
+    return Path(os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir())
+
+
+def sweep_stale_run_dirs(base: Path | None = None) -> list[Path]:
+    """Remove run directories whose owning harness process is gone (it was SIGKILLed)."""
+    removed = []
+    for d in (base or run_base()).glob(RUN_PREFIX + "*"):
+        try:
+            owner = int((d / "owner.pid").read_text())
+        except (OSError, ValueError):
+            continue
+        if owner != os.getpid() and not Path(f"/proc/{owner}").exists():
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
+    return removed
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _set_pdeathsig() -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+class VM:
+    """A running guest (see the module docstring).
+
+    Args:
+        spec: the machine and its devices.
+        images: kernel and initrd to boot, SSH key and pinned host key.
+        accel: the accelerator already resolved (``tcg`` or ``kvm``; see harness.vm.accel).
+        qemu: QEMU binary path.
+        trace_events: QEMU trace event names/patterns to log into ``trace.log``.
+        boot_timeout: seconds for the guest agent to answer after QEMU starts.
+        kill_timeout: seconds between QMP ``quit`` and SIGKILL.
+        name: a label for logs.
+
+    Raises (from ``__enter__``/``launch``): QEMUNotFound, VMLaunchError (QEMU failed to
+    start: argv and output attached), GuestBootTimeout (last console lines),
+    GuestPanicked. On any of them every resource is already released.
+    """
+
+    def __init__(self, spec: MachineSpec, images: BootImages, *, accel: str, qemu: str | None = None,
+                 trace_events: Sequence[str] = (), boot_timeout: float = 60.0, kill_timeout: float = 10.0,
+                 name: str = "vm"):
+        if accel not in ("tcg", "kvm"):
+            raise ValueError(f"accel must be resolved to 'tcg' or 'kvm', not {accel!r}")
+        self.spec = spec
+        self.images = images
+        self.accel = accel
+        self.qemu = find_qemu(qemu)
+        self.trace_events = list(trace_events)
+        self.boot_timeout = boot_timeout
+        self.kill_timeout = kill_timeout
+        self.name = name
+        self.run_dir: Path | None = None
+        self.argv: list[str] = []
+        self.ssh_port: int | None = None
+        self.boot_seconds: float | None = None
+        self.exitcode: int | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._qmp: QMPMonitor | None = None
+        self._agent: SocketAgent | None = None
+        self._console: Console | None = None
+        self._ssh: paramiko.SSHClient | None = None
+        self._started = 0.0
+        self._panicked = False
+
+    # ------------------------------------------------------------------ context
+    def __enter__(self) -> VM:
+        try:
+            self.launch()
+            self.wait_ready()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ paths
+    def path(self, name: str) -> Path:
+        if self.run_dir is None:
+            raise VMError("the VM has no run directory (not launched, or closed)")
+        return self.run_dir / name
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    @property
+    def trace_log(self) -> Path:
+        return self.path("trace.log")
+
+    @property
+    def console_log(self) -> Path:
+        return self.path("console.log")
+
+    def console_tail(self, n: int = 20) -> list[str]:
+        return tail_lines(self.path("console.log"), n) if self.run_dir else []
+
+    # ------------------------------------------------------------------ launch
+    def build_argv(self) -> list[str]:
+        ctx = RenderContext(self.path(""), self.accel)
+        argv = [self.qemu, "-name", self.name, "-nodefaults", "-no-user-config", "-display", "none",
+                "-no-reboot", "-msg", "timestamp=off"]
+        argv += self.spec.machine_argv(ctx)
+        argv += ["-kernel", str(self.images.kernel), "-initrd", str(self.images.initrd),
+                 "-append", self.spec.kernel_cmdline()]
+        argv += ["-chardev", f"socket,id=qmp0,path={self.path('qmp.sock')},server=on,wait=off",
+                 "-mon", "chardev=qmp0,mode=control"]
+        argv += ["-chardev", f"socket,id=con0,path={self.path('console.sock')},server=on,wait=off,"
+                             f"logfile={self.path('console.log')},logappend=off",
+                 "-serial", "chardev:con0"]
+        argv += ["-device", "virtio-serial-pci,id=vser0",
+                 "-chardev", f"socket,id=agent0,path={self.path('agent.sock')},server=on,wait=off",
+                 "-device", f"virtserialport,bus=vser0.0,chardev=agent0,name={AGENT_PORT_NAME}"]
+        argv += ["-netdev", f"user,id=net0,hostfwd=tcp:127.0.0.1:{self.ssh_port}-:22",
+                 "-device", "virtio-net-pci,netdev=net0"]
+        argv += ["-device", "pvpanic"]
+        if self.trace_events:
+            argv += ["-trace", f"events={self.path('trace-events')}", "-D", str(self.path("trace.log"))]
+        return argv
+
+    def launch(self, attempts: int = 3) -> None:
+        """Start QEMU and connect QMP and the agent channel (does not wait for the guest)."""
+        sweep_stale_run_dirs()
+        self.run_dir = Path(tempfile.mkdtemp(prefix=RUN_PREFIX, dir=run_base()))
+        os.chmod(self.run_dir, 0o700)
+        self.path("owner.pid").write_text(str(os.getpid()))
+        ctx = RenderContext(self.run_dir, self.accel)
+        for d in self.spec.devices:
+            d.setup(ctx)
+        if self.trace_events:
+            self.path("trace-events").write_text("\n".join(self.trace_events) + "\n")
+        self.path("spec.json").write_text(json.dumps(self.spec.to_table(), indent=2, default=str))
+        for attempt in range(attempts):
+            self.ssh_port = _free_port()
+            self.argv = self.build_argv()
+            self.path("argv.json").write_text(json.dumps(self.argv, indent=1))
+            try:
+                self._start_process()
+                return
+            except VMLaunchError as exc:
+                if "hostfwd" in exc.output.lower() or "host forwarding" in exc.output.lower():
+                    if attempt + 1 < attempts:
+                        continue  # the free port was taken in between: try another
+                raise
+
+    def _start_process(self) -> None:
+        for sock in ("qmp.sock", "console.sock", "agent.sock"):
+            with contextlib.suppress(FileNotFoundError):
+                self.path(sock).unlink()
+        log = open(self.path("qemu.log"), "wb")
+        self._started = time.monotonic()
+        try:
+            self._proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=log,
+                                          stderr=subprocess.STDOUT, start_new_session=True,
+                                          preexec_fn=_set_pdeathsig)
+        except OSError as exc:
+            raise VMLaunchError(f"cannot execute QEMU: {exc}", argv=self.argv) from exc
+        finally:
+            log.close()
+        deadline = time.monotonic() + 15
+        while not self.path("agent.sock").exists():
+            if self._proc.poll() is not None:
+                self._reap_failed_launch("QEMU exited during start-up")
+            if time.monotonic() > deadline:
+                self._reap_failed_launch("QEMU did not create its sockets within 15s")
+            time.sleep(0.01)
+        try:
+            self._qmp = QMPMonitor(self.path("qmp.sock"), self.path("qmp.log"), nickname=self.name)
+            agent_sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            agent_sock.connect(str(self.path("agent.sock")))
+        except (OSError, VMError) as exc:
+            self._reap_failed_launch(f"cannot connect to QEMU's sockets: {exc}")
+        self._agent = SocketAgent(agent_sock, self.check_alive)
+
+    def _reap_failed_launch(self, message: str) -> None:
+        self._kill()
+        output = self.path("qemu.log").read_text(errors="replace") if self.run_dir else ""
+        raise VMLaunchError(f"{message} (exit status {self.exitcode})", argv=self.argv, output=output)
+
+    # ------------------------------------------------------------------ liveness
+    def check_alive(self) -> None:
+        """Raise if QEMU has exited or the guest panicked (used inside every wait)."""
+        if self._qmp is not None:
+            for ev in self._qmp.poll_events():
+                if ev.get("event") == "GUEST_PANICKED":
+                    self._panicked = True
+        if self._panicked:
+            raise GuestPanicked(f"{self.name}: the guest kernel panicked", console_tail=self.console_tail(25))
+        if self._proc is not None and self._proc.poll() is not None:
+            self.exitcode = self._proc.returncode
+            qemu_out = self.path("qemu.log").read_text(errors="replace").strip()
+            raise GuestBootTimeout(
+                f"{self.name}: QEMU exited with status {self.exitcode}"
+                + (f"; QEMU said: {qemu_out[-500:]}" if qemu_out else ""),
+                console_tail=self.console_tail(25))
+
+    def wait_ready(self, timeout: float | None = None) -> float:
+        """Wait for the guest agent's hello; return seconds since QEMU started.
+
+        Raises GuestBootTimeout (with the last console lines) or GuestPanicked.
+        """
+        if self._agent is None:
+            raise VMError("wait_ready() before launch()")
+        limit = self.boot_timeout if timeout is None else timeout
+        try:
+            self._agent.wait_hello(limit)
+        except TimeoutError:
+            raise GuestBootTimeout(f"{self.name}: the guest agent did not answer within {limit:.0f}s "
+                                   f"(accel {self.accel})", console_tail=self.console_tail(25)) from None
+        self.boot_seconds = time.monotonic() - self._started
+        return self.boot_seconds
+
+    # ------------------------------------------------------------------ channels
+    @property
+    def agent(self) -> SocketAgent:
+        if self._agent is None:
+            raise VMError("the guest agent channel is not connected")
+        return self._agent
+
+    @property
+    def qmp(self) -> QMPMonitor:
+        if self._qmp is None:
+            raise VMError("QMP is not connected")
+        return self._qmp
+
+    @property
+    def console(self) -> Console:
+        if self._console is None:
+            self._console = Console(self.path("console.sock"), self.path("console.log"))
+        return self._console
+
+    def ssh(self, timeout: float = 60.0) -> paramiko.SSHClient:
+        """A paramiko client logged in as root (opened on first use, then reused)."""
+        if self._ssh is None:
+            if self.images.ssh_key is None or self.ssh_port is None:
+                raise VMError("this VM has no SSH key configured")
+            self._ssh = ssh_mod.connect(self.ssh_port, self.images.ssh_key, self.images.host_key, timeout)
+        return self._ssh
+
+    def ssh_run(self, command: str, timeout: float = 60.0) -> tuple[int, str, str]:
+        return ssh_mod.run(self.ssh(), command, timeout)
+
+    # ------------------------------------------------------------------ teardown
+    def shutdown(self) -> None:
+        """Stop QEMU: QMP quit, then SIGKILL of its process group after kill_timeout.
+        Idempotent; the run directory (logs, trace) stays until :meth:`close`."""
+        for closer in (self._ssh, self._console, self._agent):
+            if closer is not None:
+                with contextlib.suppress(Exception):
+                    closer.close()
+        self._ssh = self._console = None
+        self._agent = None
+        if self._proc is not None and self._proc.poll() is None and self._qmp is not None:
+            with contextlib.suppress(VMError):
+                self._qmp.cmd("quit", timeout=3)
+        if self._qmp is not None:
+            self._qmp.close()
+            self._qmp = None
+        if self._proc is not None:
+            try:
+                self._proc.wait(self.kill_timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        self._kill()
+
+    def _kill(self) -> None:
+        if self._proc is None:
+            return
+        if self._proc.poll() is None:  # never signal a reaped (possibly reused) pgid
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self._proc.pid, signal.SIGKILL)
+        self._proc.wait()
+        self.exitcode = self._proc.returncode
+
+    def save_artifacts(self, dest: Path, extra: dict[str, Any] | None = None) -> Path:
+        """Copy argv, console, QMP, trace and QEMU logs and the spec into ``dest``."""
+        dest.mkdir(parents=True, exist_ok=True)
+        if self.run_dir is not None:
+            for name in ARTIFACT_FILES:
+                src = self.run_dir / name
+                if src.exists():
+                    shutil.copy2(src, dest / name)
+        for name, payload in (extra or {}).items():
+            (dest / name).write_text(payload if isinstance(payload, str) else json.dumps(payload, indent=2))
+        return dest
+
+    def close(self) -> None:
+        """Shut down and remove the run directory. Safe to call more than once."""
+        try:
+            self.shutdown()
+        finally:
+            if self.run_dir is not None:
+                shutil.rmtree(self.run_dir, ignore_errors=True)
+                self.run_dir = None

@@ -1,0 +1,95 @@
+"""The machine spec: what a guest is (machine type, memory, CPUs, accelerator,
+kernel, command line, devices), validated at construction, rendered to argv."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from harness.errors import DeviceConfigError
+from harness.vm.devices import IOMMU_KINDS, Device, IntelIommu, RenderContext
+
+ACCELS = ("auto", "tcg", "kvm")
+
+
+@dataclass(frozen=True)
+class MachineSpec:
+    """A guest machine.
+
+    ``machine`` (QEMU machine type; intel-iommu needs ``q35``), ``memory_mib`` (MiB),
+    ``cpus``, ``accel`` (``auto``: KVM if a probe guest really boots, else TCG),
+    ``cpu`` (QEMU CPU model; default ``host`` under KVM, ``max`` under TCG),
+    ``kernel`` / ``initrd`` (paths; ``None`` = the harness's own images), ``cmdline``
+    (extra kernel arguments), ``devices`` (device objects, IOMMU first).
+
+    Raises DeviceConfigError naming the field for any invalid or conflicting value.
+    """
+
+    machine: str = "q35"
+    memory_mib: int = 1024
+    cpus: int = 1
+    accel: str = "auto"
+    cpu: str | None = None
+    kernel: str | None = None
+    initrd: str | None = None
+    cmdline: str = ""
+    devices: tuple[Device, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        if self.machine not in ("q35", "pc"):
+            raise DeviceConfigError(f"machine must be 'q35' or 'pc', not {self.machine!r}", key="machine")
+        if not isinstance(self.memory_mib, int) or not 256 <= self.memory_mib <= 65536:
+            raise DeviceConfigError(f"memory_mib must be 256..65536, not {self.memory_mib!r}", key="memory_mib")
+        if not isinstance(self.cpus, int) or not 1 <= self.cpus <= 64:
+            raise DeviceConfigError(f"cpus must be 1..64, not {self.cpus!r}", key="cpus")
+        if self.accel not in ACCELS:
+            raise DeviceConfigError(f"accel must be one of {', '.join(ACCELS)}, not {self.accel!r}", key="accel")
+        iommus = [d for d in self.devices if isinstance(d, IOMMU_KINDS)]
+        if len(iommus) > 1:
+            raise DeviceConfigError("only one IOMMU per machine: " + ", ".join(d.kind for d in iommus),
+                                    key="devices")
+        if any(isinstance(d, IntelIommu) for d in self.devices) and self.machine != "q35":
+            raise DeviceConfigError("intel-iommu needs machine = 'q35'", key="machine")
+        ids = [getattr(d, "id") for d in self.devices if hasattr(d, "id")]
+        if len(ids) != len(set(ids)):
+            raise DeviceConfigError(f"duplicate device ids: {ids}", key="devices")
+        if "\n" in self.cmdline:
+            raise DeviceConfigError("cmdline must be one line", key="cmdline")
+
+    def replace(self, **changes: Any) -> MachineSpec:
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def iommu(self) -> Device | None:
+        return next((d for d in self.devices if isinstance(d, IOMMU_KINDS)), None)
+
+    def cpu_model(self, accel: str) -> str:
+        return self.cpu or ("host" if accel == "kvm" else "max")
+
+    def kernel_cmdline(self) -> str:
+        args = ["console=ttyS0", "panic=-1", "loglevel=4"]
+        for d in self.devices:
+            args += d.kernel_args()
+        if self.cmdline:
+            args.append(self.cmdline)
+        return " ".join(args)
+
+    def machine_argv(self, ctx: RenderContext) -> list[str]:
+        """``-machine ... -cpu ... -m ... -smp ...`` plus every device, IOMMU first."""
+        mopts = [self.machine, f"accel={ctx.accel}"]
+        iommu = self.iommu
+        if isinstance(iommu, IntelIommu) and iommu.intremap and ctx.accel == "kvm":
+            mopts.append("kernel-irqchip=split")
+        argv = ["-machine", ",".join(mopts), "-cpu", self.cpu_model(ctx.accel),
+                "-m", str(self.memory_mib), "-smp", str(self.cpus)]
+        ordered = sorted(self.devices, key=lambda d: not isinstance(d, IOMMU_KINDS))
+        for d in ordered:
+            argv += d.argv(ctx)
+        return argv
+
+    def to_table(self) -> dict[str, Any]:
+        t: dict[str, Any] = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                             if f.name != "devices" and getattr(self, f.name) is not None}
+        t["devices"] = [d.to_table() for d in self.devices]
+        return t

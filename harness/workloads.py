@@ -1,0 +1,92 @@
+"""Workloads: what the guest does while the host observes. Each workload is a
+frozen dataclass built from the ``[workload]`` table of a scenario, run against an
+:class:`~harness.vm.agent.AgentChannel`, returning op records (JSON-able dicts:
+what the guest did and what the kernel returned)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from harness.errors import ConfigError, HarnessError
+from harness.vm.agent import AgentChannel
+
+
+class WorkloadFailed(HarnessError):
+    """The guest-side operation did not do what it should (e.g. data did not verify)."""
+
+
+@dataclass(frozen=True)
+class Workload:
+    kind: ClassVar[str] = ""
+
+    def run(self, agent: AgentChannel) -> list[dict[str, Any]]:
+        raise NotImplementedError
+
+    def to_table(self) -> dict[str, Any]:
+        return {"kind": self.kind, **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)}}
+
+
+@dataclass(frozen=True)
+class NvmePattern(Workload):
+    """Write a seeded pattern to an NVMe namespace with O_DIRECT, read it back and verify.
+
+    ``device`` (guest path), ``offset``/``length``/``chunk`` (bytes, multiples of 4096),
+    ``rounds`` (repetitions, each with a new seed), ``seed``.
+    """
+
+    kind: ClassVar[str] = "nvme-pattern"
+    device: str = "/dev/nvme0n1"
+    offset: int = 0
+    length: int = 1 << 20
+    chunk: int = 1 << 16
+    rounds: int = 2
+    seed: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("offset", "length", "chunk"):
+            value = getattr(self, name)
+            if value < 0 or value % 4096:
+                raise ConfigError(f"workload.{name} must be a non-negative multiple of 4096, not {value}",
+                                  key=f"workload.{name}")
+        if self.length == 0 or self.chunk == 0:
+            raise ConfigError("workload.length and workload.chunk must be > 0", key="workload.length")
+        if not 1 <= self.rounds <= 1000:
+            raise ConfigError(f"workload.rounds must be 1..1000, not {self.rounds}", key="workload.rounds")
+
+    def run(self, agent: AgentChannel) -> list[dict[str, Any]]:
+        records = []
+        for r in range(self.rounds):
+            rec = agent.call("nvme.pattern_rw", timeout=300, device=self.device, offset=self.offset,
+                             length=self.length, chunk=self.chunk, seed=self.seed + r)
+            records.append({"op": "nvme.pattern_rw", **rec})
+            if not rec.get("verified"):
+                raise WorkloadFailed(f"data read back from {self.device} did not match what was written "
+                                     f"(round {r}, chunks at offsets {rec.get('mismatches')[:8]})")
+        return records
+
+
+WORKLOADS: dict[str, type[Workload]] = {cls.kind: cls for cls in (NvmePattern,)}
+
+
+def workload_from_table(table: dict[str, Any]) -> Workload:
+    kind = table.get("kind")
+    if kind not in WORKLOADS:
+        raise ConfigError(f"unknown workload kind {kind!r} (known: {', '.join(WORKLOADS)})", key="workload.kind")
+    cls = WORKLOADS[kind]
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in table.items():
+        if key == "kind":
+            continue
+        if key not in known:
+            raise ConfigError(f"unknown key {key!r} in [workload] (known: {', '.join(known)})",
+                              key=f"workload.{key}")
+        expected = known[key].type
+        if (expected == "int" and (not isinstance(value, int) or isinstance(value, bool))) or \
+                (expected == "str" and not isinstance(value, str)):
+            raise ConfigError(f"workload.{key} must be {expected}, not {type(value).__name__} {value!r}",
+                              key=f"workload.{key}")
+        kwargs[key] = value
+    return cls(**kwargs)
