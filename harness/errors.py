@@ -10,8 +10,9 @@ Hierarchy::
      +-- VMError                anything about a running guest
           +-- QEMUNotFound      the QEMU binary is missing (says how to install it)
           +-- VMLaunchError     QEMU exited or failed during start-up (argv, output)
-          +-- GuestBootTimeout  the guest agent never answered (last console lines)
-          +-- GuestPanicked     the guest kernel panicked (pvpanic / GUEST_PANICKED)
+          +-- GuestError        a guest-side failure, with the last console lines
+          |    +-- GuestBootTimeout  the guest agent never answered, or QEMU exited
+          |    +-- GuestPanicked     the guest kernel panicked (pvpanic / GUEST_PANICKED)
           +-- AgentError        the guest agent answered with an error or garbage
 
 The reference models have their own roots (e.g. ``harness.models.iotlb.IOTLBError``)
@@ -86,7 +87,9 @@ class VMLaunchError(VMError):
         return text
 
 
-class GuestBootTimeout(VMError):
+class GuestError(VMError):
+    """A guest-side failure; ``console_tail`` holds the last console lines."""
+
     def __init__(self, message: str, *, console_tail: Sequence[str] = ()):
         self.console_tail = list(console_tail)
         super().__init__(message)
@@ -96,8 +99,12 @@ class GuestBootTimeout(VMError):
         return self.args[0] + ("\nlast console lines:\n" + tail if tail else " (console is empty)")
 
 
-class GuestPanicked(GuestBootTimeout):
-    """The guest kernel panicked; ``console_tail`` holds the last console lines."""
+class GuestBootTimeout(GuestError):
+    """The guest agent did not answer in time, or QEMU exited before it did."""
+
+
+class GuestPanicked(GuestError):
+    """The guest kernel panicked (pvpanic, QMP GUEST_PANICKED)."""
 
 
 class AgentError(VMError):

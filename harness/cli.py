@@ -1,0 +1,208 @@
+"""Command line: ``python -m harness {run,bench,images,check,doctor}``.
+
+Exit status: 0 success; 1 the system under test misbehaved (DMA divergence, data
+mismatch, guest panic); 2 bad input or environment (config key, unknown device,
+missing QEMU, kernel lacking an option, guest that never comes up), printed as one
+line naming the offending key or value (plus the console tail for a guest); 130 on
+Ctrl-C. Every VM is torn down before the process exits, whatever happened.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import statistics
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+
+from harness.errors import GuestPanicked, HarnessError, ImageError, VMError
+from harness.workloads import WorkloadFailed
+
+EXIT_DIVERGENCE = 1
+EXIT_USAGE = 2
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--qemu", help="QEMU binary (default: $DMA_HARNESS_QEMU or qemu-system-x86_64)")
+    p.add_argument("--kernel", help="use this bzImage instead of building the project's kernel")
+    p.add_argument("--accel", choices=("auto", "tcg", "kvm"), help="accelerator (default: auto)")
+    p.add_argument("--cache", help="image cache folder (default: $DMA_HARNESS_CACHE or the user cache dir)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m harness", description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="boot a scenario, run its workload, print the DMA verdict")
+    run.add_argument("config", help="scenario file, e.g. configs/intel-iommu-nvme.toml")
+    run.add_argument("--artifacts", default="artifacts", help="folder for evidence on failure (default: artifacts)")
+    run.add_argument("--keep-artifacts", action="store_true", help="save evidence for passing runs too")
+    run.add_argument("--json", action="store_true", help="print the result as JSON")
+    _common(run)
+
+    bench = sub.add_parser("bench", help="benchmarks: boot time, IOTLB model")
+    bsub = bench.add_subparsers(dest="bench", required=True)
+    boot = bsub.add_parser("boot", help="time from QEMU start to the guest agent answering")
+    boot.add_argument("--runs", type=int, default=5)
+    boot.add_argument("--config", default=None, help="scenario whose machine to boot (default: the NVMe one)")
+    _common(boot)
+    it = bsub.add_parser("iotlb", help="IOTLB model operations per second at 1k/10k/100k maps")
+    it.add_argument("--ops", type=int, default=20000)
+
+    images = sub.add_parser("images", help="build or show the guest images")
+    isub = images.add_subparsers(dest="images", required=True)
+    b = isub.add_parser("build", help="build (or reuse) kernel, root filesystem and SSH key")
+    b.add_argument("--refresh", action="store_true", help="rebuild even if cached")
+    _common(b)
+    s = isub.add_parser("show", help="print what is cached where")
+    _common(s)
+
+    check = sub.add_parser("check", help="replay a saved QEMU trace log into the DMA checker")
+    check.add_argument("trace", help="trace.log from a run (artifacts folder)")
+    check.add_argument("--json", action="store_true")
+
+    doc = sub.add_parser("doctor", help="check this machine: QEMU, KVM, build tools")
+    _common(doc)
+    return ap
+
+
+def _harness(args: argparse.Namespace) -> "Harness":  # noqa: F821
+    from harness.session import Harness, HarnessOptions
+    return Harness(HarnessOptions.from_env(qemu=args.qemu, kernel=args.kernel, accel=args.accel, cache=args.cache,
+                                           artifacts=getattr(args, "artifacts", None),
+                                           keep_artifacts=getattr(args, "keep_artifacts", None)))
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from harness.run import run_scenario
+    from harness.scenario import load_scenario
+    scenario = load_scenario(args.config)
+    h = _harness(args)
+    dest = Path(args.artifacts) / scenario.name
+    result = run_scenario(h, scenario, artifacts_dir=dest)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        print(f"scenario {scenario.name}: accel {result.accel}, guest ready in {result.boot_seconds:.2f}s, "
+              f"workload {result.workload_seconds:.2f}s ({len(result.records)} agent ops)")
+        print(result.verdict.format())
+        if result.artifacts:
+            print(f"artifacts: {result.artifacts}")
+    return 0 if result.ok else EXIT_DIVERGENCE
+
+
+def cmd_bench_boot(args: argparse.Namespace) -> int:
+    from harness.scenario import load_scenario
+    from harness.vm.spec import MachineSpec
+    spec = load_scenario(args.config).machine if args.config else _default_machine()
+    if args.runs < 1:
+        raise HarnessError("--runs must be at least 1")
+    h = _harness(args)
+    accel = h.accel(spec.accel)
+    print(f"accelerator: {accel.accel} ({accel.reason})")
+    times = []
+    for i in range(args.runs):
+        with h.vm(spec, name=f"bench{i}", trace=False) as vm:
+            assert vm.boot_seconds is not None
+            rtt = _agent_rtt(vm)
+            times.append(vm.boot_seconds)
+            print(f"boot {i + 1}/{args.runs}: {vm.boot_seconds:.2f}s to guest agent; agent round trip "
+                  f"median {rtt * 1000:.2f} ms")
+    print(f"boot time over {len(times)} boots (QEMU start -> guest agent answers): "
+          f"median {statistics.median(times):.2f}s, min {min(times):.2f}s, max {max(times):.2f}s")
+    assert isinstance(spec, MachineSpec)
+    return 0
+
+
+def _agent_rtt(vm: "VM", n: int = 20) -> float:  # noqa: F821
+    import time
+    samples = []
+    for _ in range(n):
+        t = time.perf_counter()
+        vm.agent.call("ping", timeout=10)
+        samples.append(time.perf_counter() - t)
+    return statistics.median(samples)
+
+
+def _default_machine() -> "MachineSpec":  # noqa: F821
+    from harness.vm import IntelIommu, MachineSpec, NvmeController
+    return MachineSpec(devices=(IntelIommu(caching_mode=True), NvmeController()))
+
+
+def cmd_bench_iotlb(args: argparse.Namespace) -> int:
+    from harness.bench import iotlb
+    return int(iotlb.main(["--ops", str(args.ops)]))
+
+
+def cmd_images(args: argparse.Namespace) -> int:
+    from harness.images.cache import ImageCache
+    from harness.images.kernel import ensure_kernel, recipe_key
+    from harness.images.rootfs import base_key, ensure_initrd
+    from harness.images.sshkey import ensure_ssh_key
+    cache = ImageCache(args.cache)
+    if args.images == "build":
+        kernel = ensure_kernel(cache, refresh=args.refresh)
+        key = ensure_ssh_key(cache)
+        initrd = ensure_initrd(cache, key, refresh=args.refresh)
+        print(f"kernel:  {kernel.bzimage} ({kernel.origin})")
+        print(f"initrd:  {initrd.path}")
+        print(f"ssh key: {key.private}")
+        return 0
+    print(f"cache root: {cache.root}")
+    for kind, key in (("kernel", recipe_key()), ("rootfs", base_key())):
+        state = "built" if cache.complete(kind, key) else "not built"
+        print(f"  {kind:7s} {cache.entry(kind, key)}  [{state}]")
+    print(f"  ssh key {cache.path('ssh', 'id_ed25519')}")
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from harness.checks.dma import check_trace_file
+    path = Path(args.trace)
+    if not path.is_file():
+        raise HarnessError(f"trace file {str(path)!r} does not exist")
+    verdict = check_trace_file(path)
+    print(json.dumps(verdict.to_dict(), indent=2) if args.json else verdict.format())
+    return 0 if verdict.ok else EXIT_DIVERGENCE
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    import os
+    import shutil
+    from harness.vm.machine import find_qemu
+    qemu = find_qemu(args.qemu)
+    print(f"qemu: {qemu}")
+    print(f"/dev/kvm: {'accessible' if os.access('/dev/kvm', os.R_OK | os.W_OK) else 'not accessible'}")
+    missing = [t for t in ("make", "gcc", "flex", "bison", "bc", "mmdebstrap", "dpkg-deb", "apt-get", "xz")
+               if shutil.which(t) is None]
+    print("build tools: " + ("all present" if not missing else "missing " + ", ".join(missing)))
+    h = _harness(args)
+    choice = h.accel(args.accel or "auto")
+    print(f"accelerator: {choice.accel} ({choice.reason})")
+    return 0 if not missing else EXIT_USAGE
+
+
+def _sigterm(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)  # unwinds through every VM context manager
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _sigterm)
+    handlers = {"run": cmd_run, "images": cmd_images, "check": cmd_check, "doctor": cmd_doctor}
+    try:
+        if args.command == "bench":
+            return cmd_bench_boot(args) if args.bench == "boot" else cmd_bench_iotlb(args)
+        return handlers[args.command](args)
+    except KeyboardInterrupt:
+        print("interrupted; every VM was shut down", file=sys.stderr)
+        return 130
+    except (GuestPanicked, WorkloadFailed) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_DIVERGENCE
+    except (HarnessError, ImageError, VMError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE

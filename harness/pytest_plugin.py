@@ -1,0 +1,192 @@
+"""pytest plugin (entry point ``dma_harness``): fixtures that boot real QEMU guests
+and check their DMA.
+
+Fixtures:
+  ``dma_harness``  (session) the :class:`~harness.session.Harness`: options, images, accel
+  ``vm_factory``   (function) ``make(spec=None, name=None, trace=True)`` -> a running VM;
+                   every VM it made is checked and torn down at teardown
+  ``vm``           (function) one running VM for the test's ``dma_machine`` marker (default:
+                   q35 + intel-iommu caching-mode + NVMe)
+  ``dma_verdict``  (function) ``dma_verdict(vm)`` stops ``vm`` and returns its DMA verdict
+
+At teardown a VM whose trace diverges from the IOTLB model fails the test. On a
+failure (or with ``--dma-keep-artifacts``) a folder per test holds each VM's QEMU
+argv, console log, QMP log, trace, verdict and a config that reproduces the VM.
+Without QEMU the VM fixtures skip with the reason, unless DMA_HARNESS_REQUIRE_VM=1
+(CI), where they fail.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from harness.checks.dma import Verdict, check_trace_file
+from harness.errors import HarnessError, QEMUNotFound
+from harness.scenario import Scenario
+from harness.session import Harness, HarnessOptions
+from harness.vm.devices import IntelIommu, NvmeController
+from harness.vm.machine import VM
+from harness.vm.spec import MachineSpec
+from harness.workloads import NvmePattern
+
+HARNESS_KEY = pytest.StashKey[Harness]()
+REPORTS_KEY = pytest.StashKey[dict[str, pytest.TestReport]]()
+
+# name, ini/option help, default, kind ("store" or "store_true"); each is --dma-NAME and ini dma_NAME
+OPTIONS: tuple[tuple[str, str, Any, str], ...] = (
+    ("qemu", "QEMU binary (default: $DMA_HARNESS_QEMU or qemu-system-x86_64 on PATH)", None, "store"),
+    ("kernel", "boot this bzImage instead of the project's kernel", None, "store"),
+    ("accel", "accelerator: auto (KVM only if a probe guest boots), tcg or kvm", None, "store"),
+    ("cache", "image cache folder (default: $DMA_HARNESS_CACHE or the user cache dir)", None, "store"),
+    ("artifacts", "folder for per-test failure artifacts", "artifacts", "store"),
+    ("keep-artifacts", "save artifacts for passing tests too", False, "store_true"),
+)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("dma-harness", "dma-harness: QEMU guests with DMA checking")
+    for name, help_text, default, action in OPTIONS:
+        ini = "dma_" + name.replace("-", "_")
+        group.addoption(f"--dma-{name}", action=action, default=None, dest=ini, help=help_text)
+        parser.addini(ini, help_text, type="bool" if action == "store_true" else "string", default=default)
+
+
+def _option(config: pytest.Config, name: str) -> Any:
+    ini = "dma_" + name.replace("-", "_")
+    value = config.getoption(ini)
+    return value if value is not None else config.getini(ini)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "dma_machine(spec: MachineSpec): the machine the `vm` fixture boots")
+    config.addinivalue_line("markers", "dma_no_check: do not fail the test on DMA divergence at teardown")
+    config.stash[REPORTS_KEY] = {}
+    accel = _option(config, "accel")
+    if accel not in (None, "", "auto", "tcg", "kvm"):
+        raise pytest.UsageError(f"--dma-accel must be auto, tcg or kvm, not {accel!r}")
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    report = yield
+    item.config.stash[REPORTS_KEY][f"{item.nodeid}::{report.when}"] = report
+    return report
+
+
+def _failed(item: pytest.Item) -> bool:
+    reports = item.config.stash[REPORTS_KEY]
+    return any(r.failed for when in ("setup", "call")
+               if (r := reports.get(f"{item.nodeid}::{when}")) is not None)
+
+
+def default_machine() -> MachineSpec:
+    return MachineSpec(devices=(IntelIommu(caching_mode=True), NvmeController()))
+
+
+@pytest.fixture(scope="session")
+def dma_harness(pytestconfig: pytest.Config) -> Harness:
+    if HARNESS_KEY in pytestconfig.stash:
+        return pytestconfig.stash[HARNESS_KEY]
+    options = HarnessOptions.from_env(
+        qemu=_option(pytestconfig, "qemu") or None, kernel=_option(pytestconfig, "kernel") or None,
+        accel=_option(pytestconfig, "accel") or None, cache=_option(pytestconfig, "cache") or None,
+        artifacts=_option(pytestconfig, "artifacts"), keep_artifacts=bool(_option(pytestconfig, "keep-artifacts")))
+    try:
+        h = Harness(options)
+        h.images()
+    except QEMUNotFound as exc:
+        if os.environ.get("DMA_HARNESS_REQUIRE_VM"):
+            pytest.fail(str(exc), pytrace=False)
+        pytest.skip(str(exc))
+    except HarnessError as exc:
+        pytest.fail(f"dma-harness cannot prepare guest images: {exc}", pytrace=False)
+    pytestconfig.stash[HARNESS_KEY] = h
+    return h
+
+
+def _slug(nodeid: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", nodeid).strip("_")[:150]
+
+
+class _Tracked:
+    def __init__(self, vm: VM, trace: bool):
+        self.vm = vm
+        self.trace = trace
+        self.verdict: Verdict | None = None
+
+    def stop_and_check(self) -> Verdict | None:
+        if self.verdict is None and self.trace:
+            self.vm.shutdown()
+            if self.vm.run_dir is not None:
+                self.verdict = check_trace_file(self.vm.trace_log)
+        return self.verdict
+
+
+@pytest.fixture
+def vm_factory(request: pytest.FixtureRequest, dma_harness: Harness) -> Iterator[Callable[..., VM]]:
+    tracked: list[_Tracked] = []
+
+    def make(spec: MachineSpec | None = None, name: str | None = None, *, trace: bool = True,
+             boot_timeout: float = 60.0) -> VM:
+        vm = dma_harness.vm(spec or default_machine(), name=name or f"vm{len(tracked)}",
+                            boot_timeout=boot_timeout, trace=trace)
+        entry = _Tracked(vm, trace)
+        tracked.append(entry)
+        vm.__enter__()
+        return vm
+
+    make.tracked = tracked  # type: ignore[attr-defined]
+    try:
+        yield make
+    finally:
+        problems = []
+        for entry in tracked:
+            try:
+                verdict = entry.stop_and_check()
+                diverged = verdict is not None and not verdict.ok
+                if diverged or _failed(request.node) or dma_harness.options.keep_artifacts:
+                    dest = Path(dma_harness.options.artifacts) / _slug(request.node.nodeid) / entry.vm.name
+                    scen = Scenario(name=entry.vm.name, machine=entry.vm.spec,
+                                    workload=NvmePattern(), boot_timeout=entry.vm.boot_timeout)
+                    extra: dict[str, Any] = {"config.toml": scen.to_toml()}
+                    if verdict is not None:
+                        extra.update({"verdict.json": verdict.to_dict(), "verdict.txt": verdict.format()})
+                    entry.vm.save_artifacts(dest, extra)
+                if diverged and request.node.get_closest_marker("dma_no_check") is None:
+                    assert verdict is not None
+                    problems.append(f"{entry.vm.name}: DMA diverged from the IOTLB model\n{verdict.format()}")
+            finally:
+                entry.vm.close()
+        if problems:
+            pytest.fail("\n\n".join(problems), pytrace=False)
+
+
+@pytest.fixture
+def vm(request: pytest.FixtureRequest, vm_factory: Callable[..., VM]) -> VM:
+    marker = request.node.get_closest_marker("dma_machine")
+    spec = marker.args[0] if marker and marker.args else None
+    if spec is not None and not isinstance(spec, MachineSpec):
+        raise pytest.UsageError("@pytest.mark.dma_machine takes one MachineSpec")
+    return vm_factory(spec)
+
+
+@pytest.fixture
+def dma_verdict(vm_factory: Callable[..., VM]) -> Callable[[VM], Verdict]:
+    """``dma_verdict(vm)``: stop ``vm`` (QMP quit) and return the checker's verdict."""
+
+    def get(target: VM) -> Verdict:
+        for entry in vm_factory.tracked:  # type: ignore[attr-defined]
+            if entry.vm is target:
+                verdict = entry.stop_and_check()
+                if verdict is None:
+                    raise pytest.UsageError("this VM was made with trace=False")
+                return verdict
+        raise pytest.UsageError("dma_verdict() takes a VM made by the vm/vm_factory fixtures")
+
+    return get

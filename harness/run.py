@@ -1,0 +1,62 @@
+"""The main job: boot a scenario's VM, run its workload, check the DMA it caused."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from harness.checks.dma import Verdict, check_trace_file
+from harness.scenario import Scenario
+from harness.session import Harness
+
+
+@dataclass
+class RunResult:
+    scenario: str
+    accel: str
+    boot_seconds: float
+    workload_seconds: float
+    records: list[dict[str, Any]]
+    verdict: Verdict
+    artifacts: Path | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.verdict.ok
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"scenario": self.scenario, "accel": self.accel, "boot_seconds": round(self.boot_seconds, 3),
+                "workload_seconds": round(self.workload_seconds, 3), "records": self.records,
+                "verdict": self.verdict.to_dict(), "artifacts": str(self.artifacts) if self.artifacts else None}
+
+
+def run_scenario(harness: Harness, scenario: Scenario, artifacts_dir: Path | None = None) -> RunResult:
+    """Boot, run the workload, stop QEMU, check its trace. Artifacts (argv, logs,
+    trace, verdict, a reproducing config) are saved to ``artifacts_dir`` when the
+    verdict diverges, the workload fails, or ``keep_artifacts`` is set."""
+    accel = harness.accel(scenario.machine.accel).accel
+    with harness.vm(scenario.machine, name=scenario.name, boot_timeout=scenario.boot_timeout) as vm:
+        boot = vm.boot_seconds or 0.0
+        t0 = time.monotonic()
+        records: list[dict[str, Any]] = []
+        error: BaseException | None = None
+        try:
+            records = scenario.workload.run(vm.agent)
+        except Exception as exc:  # re-raised below, after the evidence is saved
+            error = exc
+        elapsed = time.monotonic() - t0
+        vm.shutdown()
+        verdict = check_trace_file(vm.trace_log)
+        saved: Path | None = None
+        if artifacts_dir is not None and (error or not verdict.ok or harness.options.keep_artifacts):
+            saved = vm.save_artifacts(artifacts_dir, {
+                "verdict.json": verdict.to_dict(), "verdict.txt": verdict.format(),
+                "records.json": json.dumps(records, indent=2), "config.toml": scenario.to_toml(),
+            })
+        if error is not None:
+            raise error
+    return RunResult(scenario.name, accel, boot, elapsed, records, verdict, saved)

@@ -1,0 +1,87 @@
+"""A harness session: the options shared by every VM of one run (QEMU binary,
+kernel, accelerator, image cache, artifacts), with images built or found once and
+the accelerator resolved once. The CLI and the pytest plugin are thin front ends
+over it."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from harness.images.cache import ImageCache
+from harness.images.kernel import KernelImage, ensure_kernel, user_kernel
+from harness.images.rootfs import ensure_initrd
+from harness.images.sshkey import ensure_ssh_key
+from harness.trace.parser import TRACE_EVENTS
+from harness.vm.accel import AccelChoice, resolve_accel
+from harness.vm.machine import VM, BootImages, find_qemu
+from harness.vm.spec import MachineSpec
+
+
+@dataclass(frozen=True)
+class HarnessOptions:
+    """``qemu`` (binary or None for PATH/DMA_HARNESS_QEMU), ``kernel`` (a bzImage of
+    the user's, or None to build the project's), ``accel`` (auto/tcg/kvm), ``cache``
+    (image cache root or None), ``artifacts`` (folder for failure artifacts),
+    ``keep_artifacts`` (also keep them for passing runs)."""
+
+    qemu: str | None = None
+    kernel: str | None = None
+    accel: str = "auto"
+    cache: str | None = None
+    artifacts: str = "artifacts"
+    keep_artifacts: bool = False
+
+    @classmethod
+    def from_env(cls, **overrides: object) -> HarnessOptions:
+        values: dict[str, object] = {
+            "qemu": os.environ.get("DMA_HARNESS_QEMU"),
+            "kernel": os.environ.get("DMA_HARNESS_KERNEL"),
+            "accel": os.environ.get("DMA_HARNESS_ACCEL", "auto"),
+            "cache": os.environ.get("DMA_HARNESS_CACHE"),
+        }
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)  # type: ignore[arg-type]
+
+
+class Harness:
+    def __init__(self, options: HarnessOptions):
+        self.options = options
+        self.cache = ImageCache(options.cache)
+        self.qemu = find_qemu(options.qemu)
+        self._kernel: KernelImage | None = None
+        self._images: BootImages | None = None
+        self._accel: dict[str, AccelChoice] = {}
+
+    def kernel(self) -> KernelImage:
+        if self._kernel is None:
+            self._kernel = user_kernel(self.options.kernel) if self.options.kernel else ensure_kernel(self.cache)
+        return self._kernel
+
+    def images(self, spec: MachineSpec | None = None) -> BootImages:
+        """Boot images for ``spec`` (its own kernel/initrd if it names them)."""
+        if self._images is None:
+            key = ensure_ssh_key(self.cache)
+            initrd = ensure_initrd(self.cache, key)
+            self._images = BootImages(self.kernel().bzimage, initrd.path, key.private, initrd.host_key)
+        images = self._images
+        if spec is not None and (spec.kernel or spec.initrd):
+            kernel = user_kernel(spec.kernel).bzimage if spec.kernel else images.kernel
+            images = BootImages(kernel, Path(spec.initrd) if spec.initrd else images.initrd,
+                                images.ssh_key, images.host_key)
+        return images
+
+    def accel(self, requested: str | None = None) -> AccelChoice:
+        """Resolve the accelerator; the session option overrides ``auto`` in a spec."""
+        req = requested if requested not in (None, "auto") else self.options.accel
+        assert req is not None
+        if req not in self._accel:
+            self._accel[req] = resolve_accel(req, self.qemu, self.kernel().bzimage, self.cache.root)
+        return self._accel[req]
+
+    def vm(self, spec: MachineSpec, *, name: str = "vm", boot_timeout: float = 60.0, trace: bool = True) -> VM:
+        """A VM for ``spec`` (not started: use it as a context manager)."""
+        images = self.images(spec)
+        return VM(spec, images, accel=self.accel(spec.accel).accel, qemu=self.qemu,
+                  trace_events=TRACE_EVENTS if trace else (), boot_timeout=boot_timeout, name=name)
