@@ -79,7 +79,7 @@ class VMLaunchError(VMError):
         super().__init__(message)
 
     def __str__(self) -> str:
-        text = self.args[0]
+        text = str(self.args[0])
         if self.output.strip():
             text += "\nQEMU output:\n" + self.output.strip()[-4000:]
         if self.argv:
@@ -96,7 +96,7 @@ class GuestError(VMError):
 
     def __str__(self) -> str:
         tail = "\n".join("  | " + line for line in self.console_tail)
-        return self.args[0] + ("\nlast console lines:\n" + tail if tail else " (console is empty)")
+        return str(self.args[0]) + ("\nlast console lines:\n" + tail if tail else " (console is empty)")
 
 
 class GuestBootTimeout(GuestError):

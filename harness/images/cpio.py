@@ -34,17 +34,19 @@ class NewcWriter:
         if data:
             self._out.write(data + _pad(len(data)))
 
-    def add_dir(self, name: str, perm: int = 0o755, **kw: int) -> None:
-        self._entry(name, stat.S_IFDIR | perm, nlink=2, **kw)
+    def add_dir(self, name: str, perm: int = 0o755, *, uid: int = 0, gid: int = 0, mtime: int = 0) -> None:
+        self._entry(name, stat.S_IFDIR | perm, nlink=2, uid=uid, gid=gid, mtime=mtime)
 
-    def add_file(self, name: str, data: bytes, perm: int = 0o644, **kw: int) -> None:
-        self._entry(name, stat.S_IFREG | perm, data, **kw)
+    def add_file(self, name: str, data: bytes, perm: int = 0o644, *, uid: int = 0, gid: int = 0,
+                 mtime: int = 0) -> None:
+        self._entry(name, stat.S_IFREG | perm, data, uid=uid, gid=gid, mtime=mtime)
 
-    def add_symlink(self, name: str, target: str, **kw: int) -> None:
-        self._entry(name, stat.S_IFLNK | 0o777, target.encode(), **kw)
+    def add_symlink(self, name: str, target: str, *, uid: int = 0, gid: int = 0, mtime: int = 0) -> None:
+        self._entry(name, stat.S_IFLNK | 0o777, target.encode(), uid=uid, gid=gid, mtime=mtime)
 
-    def add_node(self, name: str, kind: int, perm: int, major: int, minor: int, **kw: int) -> None:
-        self._entry(name, kind | perm, rdev=(major, minor), **kw)
+    def add_node(self, name: str, kind: int, perm: int, major: int, minor: int, *, uid: int = 0,
+                 gid: int = 0, mtime: int = 0) -> None:
+        self._entry(name, kind | perm, rdev=(major, minor), uid=uid, gid=gid, mtime=mtime)
 
     def close(self) -> None:
         self._entry(_TRAILER, 0, nlink=1)

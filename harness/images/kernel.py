@@ -16,6 +16,7 @@ from __future__ import annotations
 import glob
 import gzip
 import hashlib
+import io
 import json
 import lzma
 import os
@@ -147,7 +148,7 @@ def extract_ikconfig(bzimage: Path) -> str | None:
         while pos != -1 and len(candidates) < 8:
             try:
                 if opener == "gzip":
-                    candidates.append(gzip.GzipFile(fileobj=_Reader(data[pos:])).read())
+                    candidates.append(gzip.GzipFile(fileobj=io.BytesIO(data[pos:]), mode="rb").read())
                 else:
                     candidates.append(lzma.LZMADecompressor().decompress(data[pos:]))
                 break
@@ -161,15 +162,6 @@ def extract_ikconfig(bzimage: Path) -> str | None:
             except (OSError, EOFError):
                 continue
     return None
-
-
-class _Reader:
-    def __init__(self, data: bytes):
-        import io
-        self._io = io.BytesIO(data)
-
-    def read(self, n: int = -1) -> bytes:
-        return self._io.read(n)
 
 
 def _apt_options(cache: ImageCache) -> list[str]:
