@@ -1,0 +1,942 @@
+"""Replay QEMU's intel-iommu trace into IOTLB models and judge every DMA translation.
+
+Pure code: no QEMU, no I/O except reading a trace file in
+:func:`check_trace_file`.  The input is a stream of
+:mod:`harness.trace.events` events (QEMU 7.2 ``log`` backend, see
+:data:`harness.trace.TRACE_EVENTS`).
+
+What is modelled
+================
+
+QEMU 7.2's emulated VT-d IOTLB (hw/i386/intel_iommu.c) is a hash table keyed
+by (source id, PASID, level, gfn) whose entries carry the domain id they were
+walked under; invalidations select entries by domain id.  The checker keeps
+one :class:`harness.models.iotlb.IOTLB` per (sid, domain) -- IO-virtual byte
+ranges ``[start, last]`` (4 KiB, 2 MiB or 1 GiB pages) to guest-physical byte
+addresses, permission = the leaf SLPTE's R/W bits as ``VHOST_MAP_*`` bits,
+``opaque`` = the ``vtd_iotlb_page_update`` event that added the map -- plus a
+sid -> domain map learned from update/hit events.  The rules, with the QEMU
+function each comes from:
+
+* ``vtd_iotlb_page_update`` (``vtd_do_iommu_translate`` after a miss in
+  ``vtd_lookup_iotlb``, then ``vtd_update_iotlb``): QEMU walked the page
+  table.  If a model of that sid (any domain: QEMU's lookup ignores the
+  domain) holds a live map covering ``iova``, QEMU's cache did not have an
+  entry the model has: ``stale-entry`` when the walk's address/permission
+  differ from the map (the guest changed a live mapping without
+  invalidating it, or an invalidation is missing from the trace; the map's
+  origin line is named), ``unexpected-miss`` when they agree (an
+  invalidation the model did not see).  The walk then waits for its
+  ``vtd_dmar_translate`` (same sid, matching page), which gives the page
+  size; the page ``[iova & ~mask, iova | mask]`` is removed from the model
+  and re-added from the SLPTE.  A walk that never gets its translate is
+  counted (``walks_without_translate``).
+* ``vtd_iotlb_page_hit`` (``vtd_lookup_iotlb`` hit): the model of
+  (sid, entry's domain) must hold a live map covering ``iova`` with the same
+  page address and permission: missing -> ``hit-after-invalidation`` (naming
+  the last recorded invalidation or reset that covered it), different ->
+  ``hit-mismatch``.
+* ``vtd_dmar_translate`` (``vtd_iommu_translate``, every successful device
+  translation; ``iova``/``gpa`` page-aligned): after ``vtd_translate_pt``
+  for that sid, or while DMAR is disabled (``vtd_dmar_enable 0``), it must
+  be the identity (``passthrough-mismatch``).  Otherwise the model of
+  (sid, domain of the preceding hit/walk, else the sid's last known domain)
+  must translate ``iova`` to ``gpa`` now: no map -> ``translation-without-entry``,
+  another address -> ``wrong-translation``.
+* ``vtd_inv_desc_iotlb_pages`` (``vtd_iotlb_page_invalidate`` /
+  ``vtd_hash_remove_by_page``): in every model of the domain, remove every
+  map overlapping ``[start, start + 4096 * 2**am - 1]`` with
+  ``start = ((addr >> 12) & ~(2**am - 1)) << 12`` -- QEMU's "entry gfn in
+  the range, or the address inside the entry's page" test is exactly overlap
+  of two naturally aligned blocks.
+* ``vtd_inv_desc_iotlb_domain`` (``vtd_iotlb_domain_invalidate``): drop the
+  domain's models.  ``vtd_inv_desc_iotlb_global``
+  (``vtd_iotlb_global_invalidate``) and ``vtd_iotlb_reset``
+  (``vtd_update_iotlb``'s size-limit reset): drop all models.  Pending walks
+  survive (QEMU inserts the walked entry after the size-limit reset).
+* ``vtd_context_cache_reset`` not immediately preceded (among vtd events) by
+  ``vtd_inv_desc_cc_global`` comes from ``vtd_reset_caches`` (root table
+  pointer set, translation enable/disable, device reset): drop all models.
+  Preceded by ``vtd_inv_desc_cc_global`` it is
+  ``vtd_context_global_invalidate``'s generation wrap: context cache only.
+* ``vtd_dmar_fault`` (``vtd_report_dmar_fault``): counted; if a model of the
+  sid holds a live map covering ``addr`` that permits the access (``write``)
+  -> ``fault-on-live-entry`` (QEMU only walks, hence only faults, on a miss).
+* Newer QEMU's PASID-based invalidations (``vtd_inv_desc_iotlb_pasid_pages``,
+  ``vtd_inv_desc_iotlb_pasid``; not emitted by 7.2) are applied to the whole
+  domain: PASIDs are not modelled.
+
+Memory is bounded regardless of trace length: the models hold at most what
+QEMU's IOTLB holds (QEMU resets it at 1024 entries and traces that; a guard
+drops everything past ``max_live_maps`` if such resets are not traced), plus
+a ring of the last ``context`` events, ``history`` invalidations per domain
+and at most ``max_divergences`` recorded divergences.
+
+Errors: :meth:`DMAChecker.feed` after :meth:`DMAChecker.finish` raises
+``RuntimeError``; :func:`check_trace_file` raises ``OSError`` for the file.
+Trace content never raises.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any, Final
+
+from harness.models.iotlb import (
+    IOTLB,
+    VHOST_MAP_RO,
+    VHOST_MAP_WO,
+    IOTLBError,
+    IOTLBMap,
+    IOTLBMiss,
+    IOTLBPermissionFault,
+)
+from harness.trace.events import (
+    SLPTE_ADDR_MASK,
+    ContextCacheReset,
+    DmarEnable,
+    DmarFault,
+    DmarTranslate,
+    Event,
+    InvContextGlobal,
+    InvIotlbDomain,
+    InvIotlbGlobal,
+    InvIotlbPages,
+    InvIotlbPasid,
+    InvIotlbPasidPages,
+    IotlbPageHit,
+    IotlbPageUpdate,
+    IotlbReset,
+    MalformedEvent,
+    NvmeError,
+    NvmeMapPrp,
+    NvmeRead,
+    NvmeWrite,
+    TranslatePassthrough,
+    UnknownEvent,
+    perm_name,
+)
+from harness.trace.parser import parse_file, parse_lines
+
+__all__ = [
+    "STALE_ENTRY",
+    "UNEXPECTED_MISS",
+    "HIT_AFTER_INVALIDATION",
+    "HIT_MISMATCH",
+    "PASSTHROUGH_MISMATCH",
+    "TRANSLATION_WITHOUT_ENTRY",
+    "WRONG_TRANSLATION",
+    "FAULT_ON_LIVE_ENTRY",
+    "DIVERGENCE_KINDS",
+    "Counts",
+    "TraceLine",
+    "Divergence",
+    "Verdict",
+    "DMAChecker",
+    "check_events",
+    "check_lines",
+    "check_trace_file",
+]
+
+STALE_ENTRY: Final = "stale-entry"
+UNEXPECTED_MISS: Final = "unexpected-miss"
+HIT_AFTER_INVALIDATION: Final = "hit-after-invalidation"
+HIT_MISMATCH: Final = "hit-mismatch"
+PASSTHROUGH_MISMATCH: Final = "passthrough-mismatch"
+TRANSLATION_WITHOUT_ENTRY: Final = "translation-without-entry"
+WRONG_TRANSLATION: Final = "wrong-translation"
+FAULT_ON_LIVE_ENTRY: Final = "fault-on-live-entry"
+DIVERGENCE_KINDS: Final = (
+    STALE_ENTRY,
+    UNEXPECTED_MISS,
+    HIT_AFTER_INVALIDATION,
+    HIT_MISMATCH,
+    PASSTHROUGH_MISMATCH,
+    TRANSLATION_WITHOUT_ENTRY,
+    WRONG_TRANSLATION,
+    FAULT_ON_LIVE_ENTRY,
+)
+
+_U64: Final = (1 << 64) - 1
+_ALL: Final = (0, _U64)
+_PAGE_SIZES: Final = (1 << 30, 1 << 21, 1 << 12)
+_PENDING_MAX: Final = 4  # per-sid walks/hits/passthroughs awaiting their translate
+_DEFAULT_MAX_LIVE_MAPS: Final = 16 * 1024  # 16 x QEMU's VTD_IOTLB_MAX_SIZE
+
+_Pending = IotlbPageUpdate | IotlbPageHit | TranslatePassthrough
+
+
+def _bdf(sid: int) -> str:
+    return f"{sid >> 8:02x}:{(sid >> 3) & 0x1F:02x}.{sid & 7:x}"
+
+
+def _sid_text(sid: int) -> str:
+    return f"sid {sid:#06x} ({_bdf(sid)})"
+
+
+def _map_text(m: IOTLBMap) -> str:
+    return f"[{m.start:#x}-{m.last:#x}] -> {m.addr:#x} {perm_name(m.perm)}"
+
+
+# --------------------------------------------------------------------------
+# Results
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class Counts:
+    """What the checker saw.  All are numbers of trace events unless noted."""
+
+    events_total: int = 0
+    translations: int = 0
+    """``vtd_dmar_translate`` events checked (passthrough ones included)."""
+    passthrough: int = 0
+    """Translations checked as identity (``vtd_translate_pt`` or DMAR disabled)."""
+    iotlb_updates: int = 0
+    iotlb_hits: int = 0
+    invalidations: int = 0
+    """IOTLB invalidations: ``inv_pages + inv_domain + inv_global + inv_pasid``."""
+    inv_pages: int = 0
+    inv_domain: int = 0
+    inv_global: int = 0
+    inv_pasid: int = 0
+    """PASID-based invalidations (newer QEMU only)."""
+    resets: int = 0
+    """Whole-IOTLB resets: ``vtd_iotlb_reset`` plus inferred ``vtd_reset_caches``."""
+    context_invalidations: int = 0
+    """``vtd_inv_desc_cc_global`` (context cache only; no IOTLB effect)."""
+    faults: int = 0
+    nvme_commands: int = 0
+    """``pci_nvme_read`` + ``pci_nvme_write``."""
+    nvme_reads: int = 0
+    nvme_writes: int = 0
+    nvme_prp_maps: int = 0
+    nvme_errors: int = 0
+    walks_without_translate: int = 0
+    unknown_lines: int = 0
+    malformed_lines: int = 0
+    model_overflow_resets: int = 0
+    """Times the ``max_live_maps`` guard dropped all models (0 when resets are traced)."""
+
+
+@dataclass(frozen=True, slots=True)
+class TraceLine:
+    """A line of the trace: 1-based ``lineno`` and its text ``raw``."""
+
+    lineno: int
+    raw: str
+
+    @classmethod
+    def of(cls, event: Event) -> TraceLine:
+        return cls(event.lineno, event.raw)
+
+    def format(self, marker: str = " ") -> str:
+        return f"{marker} {self.lineno:>8} | {self.raw}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"lineno": self.lineno, "raw": self.raw}
+
+
+@dataclass
+class Divergence:
+    """One disagreement between QEMU's trace and the model.
+
+    ``line`` is the event where it was detected; ``before`` the up to K
+    events preceding it, ``after`` the up to K following it (filled in as
+    they are fed); ``related`` other lines that explain it, as
+    ``(role, line)``, e.g. ``("map added", ...)``, ``("invalidated by", ...)``.
+    ``iova`` is IO-virtual, ``expected``/``observed`` guest-physical byte
+    addresses (model's answer vs QEMU's), when they apply.
+    """
+
+    kind: str
+    message: str
+    line: TraceLine
+    before: list[TraceLine] = field(default_factory=list)
+    after: list[TraceLine] = field(default_factory=list)
+    related: list[tuple[str, TraceLine]] = field(default_factory=list)
+    sid: int | None = None
+    domain: int | None = None
+    iova: int | None = None
+    expected: int | None = None
+    observed: int | None = None
+
+    @property
+    def lineno(self) -> int:
+        return self.line.lineno
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "message": self.message,
+            "lineno": self.line.lineno,
+            "raw": self.line.raw,
+            "sid": self.sid,
+            "domain": self.domain,
+            "iova": self.iova,
+            "expected": self.expected,
+            "observed": self.observed,
+            "related": [{"role": role, **ln.to_dict()} for role, ln in self.related],
+            "before": [ln.to_dict() for ln in self.before],
+            "after": [ln.to_dict() for ln in self.after],
+        }
+
+    def format(self) -> str:
+        out = [f"{self.kind} at line {self.line.lineno}: {self.message}"]
+        for role, ln in self.related:
+            out.append(f"    {role}: line {ln.lineno}: {ln.raw}")
+        out.append("    context:")
+        out.extend("    " + ln.format() for ln in self.before)
+        out.append("    " + self.line.format(">"))
+        out.extend("    " + ln.format() for ln in self.after)
+        return "\n".join(out)
+
+
+@dataclass
+class Verdict:
+    """The outcome of a check.  ``ok`` iff no divergence was found;
+    ``warnings`` say when the check was incomplete (malformed lines, walks
+    without translate, nothing checked) without failing it."""
+
+    counts: Counts
+    divergences: list[Divergence]
+    """The first ``max_divergences`` divergences, in trace order."""
+    total_divergences: int
+    divergences_by_kind: dict[str, int]
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.total_divergences == 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict (ints, strings, lists, dicts, None)."""
+        return {
+            "ok": self.ok,
+            "counts": asdict(self.counts),
+            "total_divergences": self.total_divergences,
+            "divergences_by_kind": dict(self.divergences_by_kind),
+            "warnings": list(self.warnings),
+            "divergences": [d.to_dict() for d in self.divergences],
+        }
+
+    def format(self) -> str:
+        """A human report: verdict, counts table, warnings, divergences with context."""
+        n = self.total_divergences
+        head = "OK" if self.ok else f"FAILED ({n} divergence{'' if n == 1 else 's'})"
+        out = [f"DMA translation check: {head}", "counts:"]
+        counts = asdict(self.counts)
+        width = max(len(k) for k in counts)
+        out.extend(f"  {k:<{width}}  {v:>12}" for k, v in counts.items())
+        if self.divergences_by_kind:
+            out.append("divergences by kind:")
+            out.extend(f"  {k:<{width}}  {v:>12}" for k, v in self.divergences_by_kind.items())
+        if self.warnings:
+            out.append("warnings:")
+            out.extend(f"  - {w}" for w in self.warnings)
+        if self.divergences:
+            shown = len(self.divergences)
+            out.append(f"divergences (first {shown} of {self.total_divergences}):")
+            for i, d in enumerate(self.divergences, 1):
+                out.append(f"[{i}] " + d.format())
+        return "\n".join(out)
+
+
+# --------------------------------------------------------------------------
+# The checker
+# --------------------------------------------------------------------------
+
+
+class DMAChecker:
+    """Feed events in trace order with :meth:`feed`; get a :class:`Verdict`
+    from :meth:`finish`.
+
+    ``max_divergences``: how many divergences keep full detail (all are
+    counted).  ``context``: events kept before and after each one.
+    ``history``: invalidations remembered per domain to explain a
+    ``hit-after-invalidation``.  ``max_live_maps``: guard on the total maps
+    held by all models (see the module docstring).
+    """
+
+    def __init__(
+        self,
+        *,
+        max_divergences: int = 20,
+        context: int = 8,
+        history: int = 32,
+        max_live_maps: int = _DEFAULT_MAX_LIVE_MAPS,
+    ) -> None:
+        self.max_divergences = max_divergences
+        self.context = context
+        self.history = history
+        self.max_live_maps = max_live_maps
+        self.counts = Counts()
+        self._models: dict[tuple[int, int], IOTLB] = {}
+        self._by_domain: dict[int, dict[int, IOTLB]] = {}  # domain -> sid -> model
+        self._by_sid: dict[int, dict[int, IOTLB]] = {}  # sid -> domain -> model
+        self._live = 0
+        self._sid_domain: dict[int, int] = {}
+        self._pending: dict[int, deque[_Pending]] = {}
+        self._recent_inv: dict[int, deque[tuple[int, int, Event]]] = {}
+        self._last_global: Event | None = None
+        self._ring: deque[Event] = deque(maxlen=max(context, 0) or 1)
+        self._awaiting: list[Divergence] = []
+        self._divergences: list[Divergence] = []
+        self._total = 0
+        self._by_kind: dict[str, int] = {}
+        self._after_cc_global = False
+        self._dmar_enabled: bool | None = None
+        self._first_malformed: Event | None = None
+        self._verdict: Verdict | None = None
+        self._handlers: dict[type[Event], Callable[[Any], None]] = {
+            IotlbPageUpdate: self._on_update,
+            IotlbPageHit: self._on_hit,
+            DmarTranslate: self._on_translate,
+            TranslatePassthrough: self._on_passthrough,
+            InvIotlbPages: self._on_inv_pages,
+            InvIotlbPasidPages: self._on_inv_pages,
+            InvIotlbDomain: self._on_inv_domain,
+            InvIotlbPasid: self._on_inv_domain,
+            InvIotlbGlobal: self._on_inv_global,
+            IotlbReset: self._on_iotlb_reset,
+            ContextCacheReset: self._on_cc_reset,
+            InvContextGlobal: self._on_cc_global,
+            DmarFault: self._on_fault,
+            DmarEnable: self._on_dmar_enable,
+            NvmeRead: self._on_nvme_read,
+            NvmeWrite: self._on_nvme_write,
+            NvmeMapPrp: self._on_nvme_prp,
+            NvmeError: self._on_nvme_error,
+            UnknownEvent: self._on_unknown,
+            MalformedEvent: self._on_malformed,
+        }
+
+    # ---- public -------------------------------------------------------------
+
+    def feed(self, event: Event) -> None:
+        """Consume the next event (trace order).  Raises ``RuntimeError`` after :meth:`finish`."""
+        if self._verdict is not None:
+            raise RuntimeError("DMAChecker.feed() after finish()")
+        self.counts.events_total += 1
+        if self._awaiting:
+            self._fill_after(event)
+        handler = self._handlers.get(type(event))
+        if handler is not None:
+            try:
+                handler(event)
+            except IOTLBError:
+                # A value outside u64 (garbage in a line that matched its format).
+                self._on_malformed(event)
+        if event.IS_VTD:
+            self._after_cc_global = type(event) is InvContextGlobal
+        self._ring.append(event)
+
+    def feed_all(self, events: Iterable[Event]) -> None:
+        """:meth:`feed` every event of ``events``."""
+        feed = self.feed
+        for event in events:
+            feed(event)
+
+    def finish(self) -> Verdict:
+        """End of trace: count walks still waiting for their translate and
+        return the :class:`Verdict` (the same object on later calls)."""
+        if self._verdict is not None:
+            return self._verdict
+        c = self.counts
+        for pend in self._pending.values():
+            c.walks_without_translate += sum(1 for p in pend if type(p) is IotlbPageUpdate)
+        self._pending.clear()
+        self._awaiting.clear()
+        self._verdict = Verdict(
+            counts=c,
+            divergences=list(self._divergences),
+            total_divergences=self._total,
+            divergences_by_kind=dict(self._by_kind),
+            warnings=self._warnings(),
+        )
+        return self._verdict
+
+    # ---- models -------------------------------------------------------------
+
+    def _model(self, sid: int, domain: int) -> IOTLB:
+        model = self._models.get((sid, domain))
+        if model is None:
+            model = IOTLB()
+            self._models[(sid, domain)] = model
+            self._by_domain.setdefault(domain, {})[sid] = model
+            self._by_sid.setdefault(sid, {})[domain] = model
+        return model
+
+    def _drop_all(self) -> None:
+        self._models.clear()
+        self._by_domain.clear()
+        self._by_sid.clear()
+        self._live = 0
+
+    def _drop_domain(self, domain: int) -> None:
+        models = self._by_domain.pop(domain, None)
+        if not models:
+            return
+        for sid, model in models.items():
+            self._live -= len(model)
+            del self._models[(sid, domain)]
+            per_sid = self._by_sid.get(sid)
+            if per_sid is not None:
+                per_sid.pop(domain, None)
+                if not per_sid:
+                    del self._by_sid[sid]
+
+    def _record_inv(self, domain: int, start: int, last: int, event: Event) -> None:
+        dq = self._recent_inv.get(domain)
+        if dq is None:
+            dq = self._recent_inv[domain] = deque(maxlen=max(self.history, 1))
+        dq.append((start, last, event))
+
+    def _who_removed(self, domain: int, iova: int) -> Event | None:
+        """The most recent recorded invalidation/reset covering ``iova`` in ``domain``."""
+        best: Event | None = None
+        dq = self._recent_inv.get(domain)
+        if dq:
+            for start, last, event in reversed(dq):
+                if start <= iova <= last:
+                    best = event
+                    break
+        g = self._last_global
+        if g is not None and (best is None or g.lineno > best.lineno):
+            best = g
+        return best
+
+    # ---- divergences --------------------------------------------------------
+
+    def _diverge(
+        self,
+        kind: str,
+        event: Event,
+        message: str,
+        *,
+        related: Iterable[tuple[str, Event]] = (),
+        sid: int | None = None,
+        domain: int | None = None,
+        iova: int | None = None,
+        expected: int | None = None,
+        observed: int | None = None,
+    ) -> None:
+        self._total += 1
+        self._by_kind[kind] = self._by_kind.get(kind, 0) + 1
+        if len(self._divergences) >= self.max_divergences:
+            return
+        d = Divergence(
+            kind=kind,
+            message=message,
+            line=TraceLine.of(event),
+            before=[TraceLine.of(e) for e in self._ring] if self.context > 0 else [],
+            related=[(role, TraceLine.of(e)) for role, e in related],
+            sid=sid,
+            domain=domain,
+            iova=iova,
+            expected=expected,
+            observed=observed,
+        )
+        self._divergences.append(d)
+        if self.context > 0:
+            self._awaiting.append(d)
+
+    def _fill_after(self, event: Event) -> None:
+        line = TraceLine.of(event)
+        keep: list[Divergence] = []
+        for d in self._awaiting:
+            d.after.append(line)
+            if len(d.after) < self.context:
+                keep.append(d)
+        self._awaiting = keep
+
+    def _warnings(self) -> list[str]:
+        c = self.counts
+        out: list[str] = []
+        if c.malformed_lines:
+            first = self._first_malformed
+            where = f" (first: line {first.lineno}: {first.raw})" if first is not None else ""
+            out.append(
+                f"{c.malformed_lines} lines of known events did not match the QEMU 7.2 "
+                f"format{where}; they were not checked"
+            )
+        if c.walks_without_translate:
+            out.append(
+                f"{c.walks_without_translate} page walks (vtd_iotlb_page_update) never got "
+                "their vtd_dmar_translate; their entries were not added to the model"
+            )
+        if c.model_overflow_resets:
+            out.append(
+                f"the models exceeded {self.max_live_maps} maps {c.model_overflow_resets} "
+                "times and were dropped (is vtd_iotlb_reset traced?)"
+            )
+        if c.events_total and not c.translations:
+            out.append("no vtd_dmar_translate events: no DMA translation was checked")
+        return out
+
+    # ---- handlers: VT-d ----------------------------------------------------
+
+    @staticmethod
+    def _walk_agrees(m: IOTLBMap, iova: int, slpte: int) -> bool:
+        """Does a walk giving ``slpte`` for ``iova`` agree with the live map ``m``?
+
+        The walk's page size is not known yet; it agrees if, for some page
+        size not above the map's, the SLPTE's page is where ``m`` puts iova's page.
+        """
+        if (slpte & 3) != m.perm:
+            return False
+        gpa = slpte & SLPTE_ADDR_MASK
+        offset = iova - m.start
+        for size in _PAGE_SIZES:
+            if size <= m.size and gpa == (m.addr + (offset & ~(size - 1))) & _U64:
+                return True
+        return False
+
+    def _on_update(self, e: IotlbPageUpdate) -> None:
+        self.counts.iotlb_updates += 1
+        sid, iova = e.sid, e.iova
+        self._sid_domain[sid] = e.domain
+        per_sid = self._by_sid.get(sid)
+        if per_sid:
+            for domain, model in per_sid.items():
+                m = model.first(iova, iova)
+                if m is None:
+                    continue
+                origin = m.opaque if isinstance(m.opaque, Event) else None
+                related = [("map added", origin)] if origin is not None else []
+                added = f", added at line {origin.lineno}," if origin is not None else ""
+                where = f"{_sid_text(sid)} domain {domain:#x} iova {iova:#x}"
+                walk = f"gpa {e.gpa:#x} {perm_name(e.perm)} (domain {e.domain:#x})"
+                if self._walk_agrees(m, iova, e.slpte):
+                    self._diverge(
+                        UNEXPECTED_MISS,
+                        e,
+                        f"{where}: QEMU walked the page table although the model still "
+                        f"caches {_map_text(m)}{added} and the walk agrees ({walk}): an "
+                        "invalidation the model did not see",
+                        related=related,
+                        sid=sid,
+                        domain=domain,
+                        iova=iova,
+                        expected=(m.addr + iova - m.start) & _U64,
+                    )
+                else:
+                    self._diverge(
+                        STALE_ENTRY,
+                        e,
+                        f"{where}: page walk gives {walk} but the model holds the live "
+                        f"map {_map_text(m)}{added} never invalidated: the guest changed "
+                        "a live mapping without invalidating it, or an invalidation is "
+                        "missing",
+                        related=related,
+                        sid=sid,
+                        domain=domain,
+                        iova=iova,
+                        expected=(m.addr + iova - m.start) & _U64,
+                        observed=e.gpa,
+                    )
+                break
+        self._push_pending(sid, e)
+
+    def _on_hit(self, e: IotlbPageHit) -> None:
+        self.counts.iotlb_hits += 1
+        sid, iova, domain = e.sid, e.iova, e.domain
+        self._sid_domain[sid] = domain
+        model = self._models.get((sid, domain))
+        m = model.first(iova, iova) if model is not None else None
+        where = f"{_sid_text(sid)} domain {domain:#x} iova {iova:#x}"
+        if m is None:
+            if not self._pending_walk_matches(sid, e):
+                remover = self._who_removed(domain, iova)
+                related = [("invalidated by", remover)] if remover is not None else []
+                why = (
+                    f"; last invalidation/reset covering it: line {remover.lineno}"
+                    if remover is not None
+                    else "; no invalidation of it recorded (never walked in this trace?)"
+                )
+                self._diverge(
+                    HIT_AFTER_INVALIDATION,
+                    e,
+                    f"{where}: QEMU's IOTLB hit (gpa {e.gpa:#x} {perm_name(e.perm)}) but the "
+                    f"model holds no live entry{why}",
+                    related=related,
+                    sid=sid,
+                    domain=domain,
+                    iova=iova,
+                    observed=e.gpa,
+                )
+        elif (e.slpte & 3) != m.perm or (e.gpa & ~(m.size - 1)) != m.addr:
+            origin = m.opaque if isinstance(m.opaque, Event) else None
+            self._diverge(
+                HIT_MISMATCH,
+                e,
+                f"{where}: QEMU's IOTLB hit gives gpa {e.gpa:#x} {perm_name(e.perm)} but the "
+                f"model's entry is {_map_text(m)}"
+                + (f" (added at line {origin.lineno})" if origin is not None else ""),
+                related=[("map added", origin)] if origin is not None else [],
+                sid=sid,
+                domain=domain,
+                iova=iova,
+                expected=m.addr,
+                observed=e.gpa,
+            )
+        self._push_pending(sid, e)
+
+    def _pending_walk_matches(self, sid: int, hit: IotlbPageHit) -> bool:
+        """A hit on an entry whose walk is still waiting for its translate
+        (another thread's translate not yet printed)."""
+        pend = self._pending.get(sid)
+        if not pend:
+            return False
+        return any(
+            type(p) is IotlbPageUpdate and p.slpte == hit.slpte and p.domain == hit.domain
+            for p in pend
+        )
+
+    def _on_passthrough(self, e: TranslatePassthrough) -> None:
+        self._push_pending(e.sid, e)
+
+    def _push_pending(self, sid: int, e: _Pending) -> None:
+        pend = self._pending.get(sid)
+        if pend is None:
+            pend = self._pending[sid] = deque()
+        elif len(pend) >= _PENDING_MAX:
+            old = pend.popleft()
+            if type(old) is IotlbPageUpdate:
+                self.counts.walks_without_translate += 1
+        pend.append(e)
+
+    def _take_pending(self, sid: int, iova: int, mask: int) -> _Pending | None:
+        """The oldest pending event of ``sid`` this translate (page ``iova``,
+        ``mask``) answers; older unanswered ones are dropped (counted)."""
+        pend = self._pending.get(sid)
+        if not pend:
+            return None
+        for index, p in enumerate(pend):
+            if (p.iova & ~mask) == iova:
+                for _ in range(index):
+                    old = pend.popleft()
+                    if type(old) is IotlbPageUpdate:
+                        self.counts.walks_without_translate += 1
+                pend.popleft()
+                if not pend:
+                    del self._pending[sid]
+                return p
+        return None
+
+    def _on_translate(self, e: DmarTranslate) -> None:
+        c = self.counts
+        c.translations += 1
+        sid, iova, gpa, mask = e.sid, e.iova, e.gpa, e.mask
+        p = self._take_pending(sid, iova, mask)
+        kind = type(p)
+        if kind is TranslatePassthrough or (p is None and self._dmar_enabled is False):
+            c.passthrough += 1
+            if gpa != iova:
+                why = "vtd_translate_pt" if p is not None else "DMAR disabled"
+                self._diverge(
+                    PASSTHROUGH_MISMATCH,
+                    e,
+                    f"{_sid_text(sid)} iova {iova:#x}: pass-through ({why}) must be the "
+                    f"identity but QEMU translated to gpa {gpa:#x}",
+                    related=[("pass-through", p)] if p is not None else [],
+                    sid=sid,
+                    iova=iova,
+                    expected=iova,
+                    observed=gpa,
+                )
+            return
+        domain: int | None
+        if kind is IotlbPageUpdate:
+            assert isinstance(p, IotlbPageUpdate)
+            domain = p.domain
+            model = self._model(sid, domain)
+            last = iova | mask
+            removed = model.del_range(iova, last)
+            model.add_range(iova, last, (p.slpte & SLPTE_ADDR_MASK) & ~mask, p.slpte & 3, p)
+            self._live += 1 - len(removed)
+            if self._live > self.max_live_maps:
+                c.model_overflow_resets += 1
+                self._drop_all()
+                model = self._model(sid, domain)
+                model.add_range(iova, last, (p.slpte & SLPTE_ADDR_MASK) & ~mask, p.slpte & 3, p)
+                self._live = 1
+        elif kind is IotlbPageHit:
+            assert isinstance(p, IotlbPageHit)
+            domain = p.domain
+        else:
+            domain = self._sid_domain.get(sid)
+        model_or_none = self._models.get((sid, domain)) if domain is not None else None
+        m = model_or_none.first(iova, iova) if model_or_none is not None else None
+        if m is None:
+            dom = f" domain {domain:#x}" if domain is not None else " (domain unknown)"
+            self._diverge(
+                TRANSLATION_WITHOUT_ENTRY,
+                e,
+                f"{_sid_text(sid)}{dom} iova {iova:#x}: QEMU translated to gpa {gpa:#x} "
+                "but the model holds no entry for it",
+                related=[("preceded by", p)] if p is not None else [],
+                sid=sid,
+                domain=domain,
+                iova=iova,
+                observed=gpa,
+            )
+            return
+        expected = (m.addr + iova - m.start) & _U64
+        if expected != gpa:
+            origin = m.opaque if isinstance(m.opaque, Event) else None
+            self._diverge(
+                WRONG_TRANSLATION,
+                e,
+                f"{_sid_text(sid)} domain {domain:#x} iova {iova:#x}: QEMU translated to gpa "
+                f"{gpa:#x} but the model translates to {expected:#x} (map {_map_text(m)}"
+                + (f", added at line {origin.lineno})" if origin is not None else ")"),
+                related=[("map added", origin)] if origin is not None else [],
+                sid=sid,
+                domain=domain,
+                iova=iova,
+                expected=expected,
+                observed=gpa,
+            )
+
+    def _on_inv_pages(self, e: InvIotlbPages) -> None:
+        c = self.counts
+        c.invalidations += 1
+        if type(e) is InvIotlbPasidPages:
+            c.inv_pasid += 1
+        else:
+            c.inv_pages += 1
+        domain = e.domain
+        start = ((e.addr >> 12) & ~((1 << e.am) - 1)) << 12
+        last = start + (4096 << e.am) - 1
+        models = self._by_domain.get(domain)
+        if models:
+            for model in models.values():
+                removed = model.del_range(start, last)
+                if removed:
+                    self._live -= len(removed)
+                    for m in removed:
+                        if m.start < start or m.last > last:
+                            self._record_inv(domain, m.start, m.last, e)
+        self._record_inv(domain, start, last, e)
+
+    def _on_inv_domain(self, e: InvIotlbDomain | InvIotlbPasid) -> None:
+        c = self.counts
+        c.invalidations += 1
+        if type(e) is InvIotlbPasid:
+            c.inv_pasid += 1
+        else:
+            c.inv_domain += 1
+        self._drop_domain(e.domain)
+        self._record_inv(e.domain, _ALL[0], _ALL[1], e)
+
+    def _on_inv_global(self, e: InvIotlbGlobal) -> None:
+        c = self.counts
+        c.invalidations += 1
+        c.inv_global += 1
+        self._drop_all()
+        self._last_global = e
+
+    def _on_iotlb_reset(self, e: IotlbReset) -> None:
+        self.counts.resets += 1
+        self._drop_all()
+        self._last_global = e
+
+    def _on_cc_reset(self, e: ContextCacheReset) -> None:
+        if self._after_cc_global:
+            return  # vtd_context_global_invalidate's generation wrap: context cache only
+        self.counts.resets += 1  # vtd_reset_caches: IOTLB too
+        self._drop_all()
+        self._last_global = e
+
+    def _on_cc_global(self, e: InvContextGlobal) -> None:
+        self.counts.context_invalidations += 1
+
+    def _on_fault(self, e: DmarFault) -> None:
+        self.counts.faults += 1
+        per_sid = self._by_sid.get(e.sid)
+        if not per_sid:
+            return
+        access = VHOST_MAP_WO if e.write else VHOST_MAP_RO
+        addr = e.addr & _U64
+        for domain, model in per_sid.items():
+            try:
+                model.translate(addr, access)
+            except (IOTLBMiss, IOTLBPermissionFault):
+                continue
+            m = model.first(addr, addr)
+            assert m is not None
+            origin = m.opaque if isinstance(m.opaque, Event) else None
+            self._diverge(
+                FAULT_ON_LIVE_ENTRY,
+                e,
+                f"{_sid_text(e.sid)} domain {domain:#x} addr {addr:#x}: QEMU reported a "
+                f"{'write' if e.write else 'read'} fault ({e.reason}) but the model holds "
+                f"the live entry {_map_text(m)} permitting it"
+                + (f" (added at line {origin.lineno})" if origin is not None else ""),
+                related=[("map added", origin)] if origin is not None else [],
+                sid=e.sid,
+                domain=domain,
+                iova=addr,
+                expected=(m.addr + addr - m.start) & _U64,
+            )
+            break
+
+    def _on_dmar_enable(self, e: DmarEnable) -> None:
+        self._dmar_enabled = e.enable
+
+    # ---- handlers: NVMe and the rest ---------------------------------------
+
+    def _on_nvme_read(self, e: NvmeRead) -> None:
+        self.counts.nvme_commands += 1
+        self.counts.nvme_reads += 1
+
+    def _on_nvme_write(self, e: NvmeWrite) -> None:
+        self.counts.nvme_commands += 1
+        self.counts.nvme_writes += 1
+
+    def _on_nvme_prp(self, e: NvmeMapPrp) -> None:
+        self.counts.nvme_prp_maps += 1
+
+    def _on_nvme_error(self, e: NvmeError) -> None:
+        self.counts.nvme_errors += 1
+
+    def _on_unknown(self, e: UnknownEvent) -> None:
+        self.counts.unknown_lines += 1
+        if e.is_vtd:
+            self._after_cc_global = False
+
+    def _on_malformed(self, e: Event) -> None:
+        self.counts.malformed_lines += 1
+        if self._first_malformed is None:
+            self._first_malformed = e
+        if isinstance(e, MalformedEvent) and e.is_vtd:
+            self._after_cc_global = False
+
+
+# --------------------------------------------------------------------------
+# Conveniences
+# --------------------------------------------------------------------------
+
+
+def check_events(events: Iterable[Event], **options: Any) -> Verdict:
+    """Run a :class:`DMAChecker` (``options`` go to its constructor) over ``events``."""
+    checker = DMAChecker(**options)
+    checker.feed_all(events)
+    return checker.finish()
+
+
+def check_lines(lines: Iterable[str], **options: Any) -> Verdict:
+    """Parse trace lines (numbered from 1) and check them; e.g. ``text.splitlines()``."""
+    return check_events(parse_lines(lines), **options)
+
+
+def check_trace_file(path: str | os.PathLike[str], **options: Any) -> Verdict:
+    """Parse and check a QEMU trace file (streaming; ``.gz``/``.xz`` accepted).
+
+    Raises ``OSError`` if the file cannot be read.
+    """
+    return check_events(parse_file(path), **options)
