@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import stat
 import tarfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
@@ -57,14 +58,17 @@ def _pad(n: int) -> bytes:
     return b"\0" * (-n % 4)
 
 
-def tar_to_newc(tar_path: Path, out_path: Path) -> int:
-    """Convert ``tar_path`` to a newc archive at ``out_path``; return the entry count."""
+def tar_to_newc(tar_path: Path, out_path: Path, skip: Callable[[str], bool] | None = None) -> int:
+    """Convert ``tar_path`` to a newc archive at ``out_path``; return the entry count.
+
+    ``skip(name)`` (name relative, without a leading ``./``) drops entries from the output.
+    """
     count = 0
     with tarfile.open(tar_path) as tar, open(out_path, "wb") as out:
         writer = NewcWriter(out)
         for member in tar:
             name = os.path.normpath(member.name.lstrip("/"))
-            if name in (".", ""):
+            if name in (".", "") or (skip is not None and skip(name)):
                 continue
             common = {"uid": member.uid, "gid": member.gid, "mtime": int(member.mtime)}
             perm = member.mode & 0o7777

@@ -17,6 +17,7 @@ vIOMMU with the devices under test.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import shutil
 import time
@@ -31,10 +32,19 @@ from harness.images.steps import announce, run_step
 
 SUITE = "bookworm"
 DEBIAN_MIRROR = "http://deb.debian.org/debian"
-RECIPE_VERSION = "rootfs-recipe-1"
+RECIPE_VERSION = "rootfs-recipe-2"
 AGENT_DIR = Path(__file__).resolve().parent.parent.parent / "guest_agent"
 EXCLUDES = ["/usr/share/doc/*", "/usr/share/man/*", "/usr/share/info/*", "/usr/share/locale/*",
             "/usr/share/lintian/*", "/usr/share/zoneinfo/right/*"]
+# Dropped from the initramfs (needed to install packages, not to run the guest): a
+# smaller initramfs is a faster boot under TCG.
+TRIM = ["usr/bin/perl*", "usr/lib/x86_64-linux-gnu/perl*", "usr/lib/x86_64-linux-gnu/libperl*",
+        "usr/share/perl*", "usr/lib/x86_64-linux-gnu/gconv/*", "var/lib/dpkg/info/*", "var/cache/*",
+        "var/log/*", "usr/share/i18n/*"]
+
+
+def _trimmed(name: str) -> bool:
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in TRIM)
 
 
 @dataclass(frozen=True)
@@ -52,7 +62,7 @@ def packages() -> list[str]:
 
 def base_key() -> str:
     return content_key({"recipe": RECIPE_VERSION, "suite": SUITE, "packages": "\n".join(packages()),
-                        "excludes": "\n".join(EXCLUDES)})
+                        "excludes": "\n".join(EXCLUDES), "trim": "\n".join(TRIM)})
 
 
 def ensure_base(cache: ImageCache, *, refresh: bool = False) -> Path:
@@ -84,7 +94,7 @@ def _build_base(cache: ImageCache, key: str) -> None:
         run_step("mmdebstrap", argv, log=log)
         if not (out / "ssh_host_ed25519_key.pub").is_file():
             raise ImageError("the root filesystem has no SSH host key", log=str(log))
-        entries = tar_to_newc(tar, out / "base.cpio")
+        entries = tar_to_newc(tar, out / "base.cpio", skip=_trimmed)
         tar.unlink()
         (out / "manifest.json").write_text(json.dumps({
             "key": key, "suite": SUITE, "packages": packages(), "entries": entries,
