@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
-from harness.errors import GuestPanicked, HarnessError, ImageError, VMError
+from harness.errors import GuestPanicked, HarnessError, ImageError, QEMUExited, VMError
 from harness.workloads import WorkloadFailed
 
 EXIT_DIVERGENCE = 1
@@ -200,7 +200,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; every VM was shut down", file=sys.stderr)
         return 130
-    except (GuestPanicked, WorkloadFailed) as exc:
+    except (GuestPanicked, QEMUExited, WorkloadFailed) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_DIVERGENCE
     except (HarnessError, ImageError, VMError) as exc:

@@ -13,6 +13,7 @@ Hierarchy::
           +-- GuestError        a guest-side failure, with the last console lines
           |    +-- GuestBootTimeout  the guest agent never answered, or QEMU exited
           |    +-- GuestPanicked     the guest kernel panicked (pvpanic / GUEST_PANICKED)
+          |    +-- QEMUExited        QEMU exited while the guest was in use (crash, kill)
           +-- AgentError        the guest agent answered with an error or garbage
 
 The reference models have their own roots (e.g. ``harness.models.iotlb.IOTLBError``)
@@ -105,6 +106,14 @@ class GuestBootTimeout(GuestError):
 
 class GuestPanicked(GuestError):
     """The guest kernel panicked (pvpanic, QMP GUEST_PANICKED)."""
+
+
+class QEMUExited(GuestError):
+    """QEMU exited while the guest was in use; ``exitcode`` is its status (negative: signal)."""
+
+    def __init__(self, message: str, *, exitcode: int | None, console_tail: Sequence[str] = ()):
+        self.exitcode = exitcode
+        super().__init__(message, console_tail=console_tail)
 
 
 class AgentError(VMError):

@@ -21,11 +21,14 @@ class AgentChannel(Protocol):
 class SocketAgent:
     """The agent over a connected stream socket (QEMU's virtio-serial chardev).
 
-    ``check`` is called while waiting (about every 100 ms) and may raise, e.g.
-    when QEMU exited or the guest panicked, so no wait outlives the guest.
+    ``check(grace)`` is called while waiting (about every 100 ms, ``grace=0``) and
+    when the channel fails (``grace`` > 0: give a dying QEMU that long to be reaped);
+    it raises when QEMU exited or the guest panicked, so no wait outlives the guest.
     """
 
-    def __init__(self, sock: socket.socket, check: Callable[[], None]):
+    CHANNEL_GRACE = 3.0
+
+    def __init__(self, sock: socket.socket, check: Callable[[float], None]):
         self._sock = sock
         self._check = check
         self._buf = b""
@@ -34,15 +37,19 @@ class SocketAgent:
 
     def _read_message(self, deadline: float, what: str) -> dict[str, Any]:
         while b"\n" not in self._buf:
-            self._check()
+            self._check(0.0)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise TimeoutError(f"no answer from the guest agent for {what}")
             ready, _, _ = select.select([self._sock], [], [], min(0.1, remaining))
             if ready:
-                chunk = self._sock.recv(65536)
+                try:
+                    chunk = self._sock.recv(65536)
+                except OSError as exc:
+                    self._check(self.CHANNEL_GRACE)
+                    raise AgentError(f"guest agent channel failed while waiting for {what}: {exc}") from exc
                 if not chunk:
-                    self._check()
+                    self._check(self.CHANNEL_GRACE)
                     raise AgentError(f"guest agent channel closed while waiting for {what}")
                 self._buf += chunk
         line, _, self._buf = self._buf.partition(b"\n")
@@ -70,7 +77,11 @@ class SocketAgent:
         rid = self._next_id
         self._next_id += 1
         request = {"id": rid, "op": op, "args": args}
-        self._sock.sendall(json.dumps(request).encode() + b"\n")
+        try:
+            self._sock.sendall(json.dumps(request).encode() + b"\n")
+        except OSError as exc:
+            self._check(self.CHANNEL_GRACE)
+            raise AgentError(f"cannot send op {op!r} to the guest agent: {exc}", request=request) from exc
         deadline = time.monotonic() + timeout
         while True:
             reply = self._read_message(deadline, f"op {op!r}")

@@ -35,7 +35,7 @@ from typing import Any
 
 import paramiko
 
-from harness.errors import GuestBootTimeout, GuestPanicked, QEMUNotFound, VMError, VMLaunchError
+from harness.errors import GuestBootTimeout, GuestPanicked, QEMUExited, QEMUNotFound, VMError, VMLaunchError
 from harness.vm import ssh as ssh_mod
 from harness.vm.agent import SocketAgent
 from harness.vm.console import Console, tail_lines
@@ -261,8 +261,15 @@ class VM:
         raise VMLaunchError(f"{message} (exit status {self.exitcode})", argv=self.argv, output=output)
 
     # ------------------------------------------------------------------ liveness
-    def check_alive(self) -> None:
-        """Raise if QEMU has exited or the guest panicked (used inside every wait)."""
+    def check_alive(self, grace: float = 0.0) -> None:
+        """Raise if QEMU has exited or the guest panicked (used inside every wait).
+
+        ``grace``: seconds to let a QEMU whose sockets just failed finish exiting, so
+        its exit is reported rather than the broken socket.
+        """
+        if grace and self._proc is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._proc.wait(grace)
         if self._qmp is not None:
             for ev in self._qmp.poll_events():
                 if ev.get("event") == "GUEST_PANICKED":
@@ -272,10 +279,10 @@ class VM:
         if self._proc is not None and self._proc.poll() is not None:
             self.exitcode = self._proc.returncode
             qemu_out = self.path("qemu.log").read_text(errors="replace").strip()
-            raise GuestBootTimeout(
+            raise QEMUExited(
                 f"{self.name}: QEMU exited with status {self.exitcode}"
                 + (f"; QEMU said: {qemu_out[-500:]}" if qemu_out else ""),
-                console_tail=self.console_tail(25))
+                exitcode=self.exitcode, console_tail=self.console_tail(25))
 
     def wait_ready(self, timeout: float | None = None) -> float:
         """Wait for the guest agent's hello; return seconds since QEMU started.
@@ -288,8 +295,11 @@ class VM:
         try:
             self._agent.wait_hello(limit)
         except TimeoutError:
-            raise GuestBootTimeout(f"{self.name}: the guest agent did not answer within {limit:.0f}s "
+            raise GuestBootTimeout(f"{self.name}: the guest agent did not answer within {limit:g}s "
                                    f"(accel {self.accel})", console_tail=self.console_tail(25)) from None
+        except QEMUExited as exc:
+            raise GuestBootTimeout(f"{exc.args[0]} before the guest agent answered",
+                                   console_tail=exc.console_tail) from None
         self.boot_seconds = time.monotonic() - self._started
         return self.boot_seconds
 

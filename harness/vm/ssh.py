@@ -33,6 +33,9 @@ def connect(port: int, key_path: Path, host_key: str | None, timeout: float = 60
             client.connect("127.0.0.1", port=port, username="root", pkey=pkey, allow_agent=False,
                            look_for_keys=False, timeout=5, banner_timeout=10, auth_timeout=10)
             return client
+        except paramiko.AuthenticationException as exc:
+            client.close()
+            raise VMError(f"the guest's sshd refused the harness key ({key_path}) on 127.0.0.1:{port}: {exc}") from exc
         except (paramiko.SSHException, OSError, EOFError) as exc:
             last = exc
             time.sleep(0.2)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.errors import GuestBootTimeout, GuestPanicked, VMError
+from harness.errors import GuestBootTimeout, GuestPanicked, QEMUExited, VMError
 from harness.vm import IntelIommu, MachineSpec, NvmeController
 from tests.vm.conftest import harness_qemu_pids, own_run_dirs
 
@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_qemu_crash_is_reported_and_cleaned_up(dma_harness, no_leftovers):
     vm = dma_harness.vm(SPEC, name="crash", trace=False)
-    with pytest.raises(VMError, match="QEMU exited"):
+    with pytest.raises(QEMUExited, match="QEMU exited with status -9"):
         with vm:
             run_dir = vm.run_dir
             os.kill(vm.pid, signal.SIGKILL)
