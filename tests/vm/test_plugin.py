@@ -1,0 +1,66 @@
+"""The pytest plugin, run in a child pytest (pytester) that boots real guests."""
+
+from pathlib import Path
+
+import pytest
+
+from harness.pytest_plugin import default_machine
+from harness.scenario import load_scenario
+
+pytest_plugins = ["pytester"]
+DATA = Path(__file__).resolve().parents[1] / "data"
+
+
+def run_child(pytester, dma_harness, artifacts):
+    return pytester.runpytest_subprocess(f"--dma-cache={dma_harness.cache.root}",
+                                         f"--dma-artifacts={artifacts}",
+                                         f"--dma-accel={dma_harness.accel().accel}", "-p", "no:cacheprovider")
+
+
+def test_failed_test_leaves_reproducible_artifacts(pytester, dma_harness, tmp_path, no_leftovers):
+    pytester.makepyfile(test_inner="""
+        def test_fails(vm):
+            assert vm.agent.call("ping")["uptime"] > 0
+            assert False, "deliberate failure"
+    """)
+    result = run_child(pytester, dma_harness, tmp_path)
+    result.assert_outcomes(failed=1)
+    folder = tmp_path / "test_inner.py_test_fails" / "vm0"
+    for name in ("argv.json", "console.log", "qmp.log", "trace.log", "qemu.log", "verdict.json",
+                 "verdict.txt", "config.toml"):
+        assert (folder / name).is_file(), name
+    assert "dma-harness: init done" in (folder / "console.log").read_text()
+    assert load_scenario(folder / "config.toml").machine == default_machine()
+
+
+def test_divergence_fails_the_test_at_teardown(pytester, dma_harness, tmp_path, no_leftovers):
+    """The checker is pointed at a recorded stream with one translation tampered, so
+    the teardown sees a real divergence verdict while the guest itself was fine."""
+    pytester.makeconftest(f"""
+        import lzma, re
+        import harness.pytest_plugin as plugin
+        from harness.checks.dma import check_lines
+
+        def tampered(path):
+            lines = lzma.decompress(open({str(DATA / 'intel-iommu-nvme-nocm-qemu7.2.trace.xz')!r}, 'rb').read()).decode().splitlines()
+            i = next(i for i, t in enumerate(lines) if i > 900 and t.startswith("vtd_dmar_translate"))
+            lines[i] = re.sub(r"-> gpa 0x([0-9a-f]+)", lambda m: "-> gpa %#x" % (int(m.group(1), 16) ^ 0x200000), lines[i])
+            return check_lines(lines)
+
+        plugin.check_trace_file = tampered
+    """)
+    pytester.makepyfile(test_inner="""
+        def test_passes(vm):
+            assert vm.agent.call("ping")["uptime"] > 0
+    """)
+    result = run_child(pytester, dma_harness, tmp_path)
+    result.assert_outcomes(passed=1, errors=1)
+    result.stdout.fnmatch_lines(["*vm0: DMA diverged from the IOTLB model*", "*wrong-translation at line*"])
+    assert "wrong-translation" in (tmp_path / "test_inner.py_test_passes" / "vm0" / "verdict.txt").read_text()
+
+
+def test_bad_accel_option_is_a_usage_error(pytester):
+    pytester.makepyfile(test_inner="def test_x():\n    pass\n")
+    result = pytester.runpytest_subprocess("--dma-accel=hvf")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*--dma-accel must be auto, tcg or kvm, not 'hvf'*"])
