@@ -17,9 +17,15 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from harness.errors import GuestPanicked, HarnessError, ImageError, QEMUExited, VMError
 from harness.workloads import WorkloadFailed
+
+if TYPE_CHECKING:
+    from harness.session import Harness
+    from harness.vm.machine import VM
+    from harness.vm.spec import MachineSpec
 
 EXIT_DIVERGENCE = 1
 EXIT_USAGE = 2
@@ -69,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _harness(args: argparse.Namespace) -> "Harness":  # noqa: F821
+def _harness(args: argparse.Namespace) -> Harness:
     from harness.session import Harness, HarnessOptions
     return Harness(HarnessOptions.from_env(qemu=args.qemu, kernel=args.kernel, accel=args.accel, cache=args.cache,
                                            artifacts=getattr(args, "artifacts", None),
@@ -117,7 +123,7 @@ def cmd_bench_boot(args: argparse.Namespace) -> int:
     return 0
 
 
-def _agent_rtt(vm: "VM", n: int = 20) -> float:  # noqa: F821
+def _agent_rtt(vm: VM, n: int = 20) -> float:
     import time
     samples = []
     for _ in range(n):
@@ -127,7 +133,7 @@ def _agent_rtt(vm: "VM", n: int = 20) -> float:  # noqa: F821
     return statistics.median(samples)
 
 
-def _default_machine() -> "MachineSpec":  # noqa: F821
+def _default_machine() -> MachineSpec:
     from harness.vm import IntelIommu, MachineSpec, NvmeController
     return MachineSpec(devices=(IntelIommu(caching_mode=True), NvmeController()))
 
@@ -152,9 +158,9 @@ def cmd_images(args: argparse.Namespace) -> int:
         print(f"ssh key: {key.private}")
         return 0
     print(f"cache root: {cache.root}")
-    for kind, key in (("kernel", recipe_key()), ("rootfs", base_key())):
-        state = "built" if cache.complete(kind, key) else "not built"
-        print(f"  {kind:7s} {cache.entry(kind, key)}  [{state}]")
+    for kind, entry_key in (("kernel", recipe_key()), ("rootfs", base_key())):
+        state = "built" if cache.complete(kind, entry_key) else "not built"
+        print(f"  {kind:7s} {cache.entry(kind, entry_key)}  [{state}]")
     print(f"  ssh key {cache.path('ssh', 'id_ed25519')}")
     return 0
 

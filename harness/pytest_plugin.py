@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,7 @@ from harness.vm.spec import MachineSpec
 from harness.workloads import NvmePattern
 
 HARNESS_KEY = pytest.StashKey[Harness]()
-REPORTS_KEY = pytest.StashKey[dict[str, pytest.TestReport]]()
+REPORTS_KEY = pytest.StashKey[dict[str, pytest.TestReport]]()  # "nodeid::when" -> report
 
 # name, ini/option help, default, kind ("store" or "store_true"); each is --dma-NAME and ini dma_NAME
 OPTIONS: tuple[tuple[str, str, Any, str], ...] = (
@@ -54,7 +54,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     for name, help_text, default, action in OPTIONS:
         ini = "dma_" + name.replace("-", "_")
         group.addoption(f"--dma-{name}", action=action, default=None, dest=ini, help=help_text)
-        parser.addini(ini, help_text, type="bool" if action == "store_true" else "string", default=default)
+        if action == "store_true":
+            parser.addini(ini, help_text, type="bool", default=default)
+        else:
+            parser.addini(ini, help_text, type="string", default=default)
 
 
 def _option(config: pytest.Config, name: str) -> Any:
@@ -73,7 +76,8 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+def pytest_runtest_makereport(
+        item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, pytest.TestReport, pytest.TestReport]:
     report = yield
     item.config.stash[REPORTS_KEY][f"{item.nodeid}::{report.when}"] = report
     return report
@@ -183,7 +187,7 @@ def dma_verdict(vm_factory: Callable[..., VM]) -> Callable[[VM], Verdict]:
     def get(target: VM) -> Verdict:
         for entry in vm_factory.tracked:  # type: ignore[attr-defined]
             if entry.vm is target:
-                verdict = entry.stop_and_check()
+                verdict: Verdict | None = entry.stop_and_check()
                 if verdict is None:
                     raise pytest.UsageError("this VM was made with trace=False")
                 return verdict
