@@ -14,7 +14,7 @@ import json
 import signal
 import statistics
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
@@ -24,7 +24,6 @@ from harness.workloads import WorkloadFailed
 
 if TYPE_CHECKING:
     from harness.session import Harness
-    from harness.vm.machine import VM
     from harness.vm.spec import MachineSpec
 
 EXIT_DIVERGENCE = 1
@@ -113,22 +112,27 @@ def cmd_bench_boot(args: argparse.Namespace) -> int:
     for i in range(args.runs):
         with h.vm(spec, name=f"bench{i}", trace=False) as vm:
             assert vm.boot_seconds is not None
-            rtt = _agent_rtt(vm)
+            rtt = _median_seconds(lambda: vm.agent.call("ping", timeout=10))
             times.append(vm.boot_seconds)
-            print(f"boot {i + 1}/{args.runs}: {vm.boot_seconds:.2f}s to guest agent; agent round trip "
-                  f"median {rtt * 1000:.2f} ms")
+            line = (f"boot {i + 1}/{args.runs}: {vm.boot_seconds:.2f}s to guest agent; "
+                    f"virtio-serial agent round trip median {rtt * 1000:.2f} ms")
+            if i == args.runs - 1:
+                vm.ssh()
+                ssh_rtt = _median_seconds(lambda: vm.ssh_run("true"), n=10)
+                line += f"; SSH exec round trip median {ssh_rtt * 1000:.1f} ms"
+            print(line)
     print(f"boot time over {len(times)} boots (QEMU start -> guest agent answers): "
           f"median {statistics.median(times):.2f}s, min {min(times):.2f}s, max {max(times):.2f}s")
     assert isinstance(spec, MachineSpec)
     return 0
 
 
-def _agent_rtt(vm: VM, n: int = 20) -> float:
+def _median_seconds(fn: Callable[[], object], n: int = 20) -> float:
     import time
     samples = []
     for _ in range(n):
         t = time.perf_counter()
-        vm.agent.call("ping", timeout=10)
+        fn()
         samples.append(time.perf_counter() - t)
     return statistics.median(samples)
 

@@ -3,6 +3,8 @@ and check their DMA.
 
 Fixtures:
   ``dma_harness``  (session) the :class:`~harness.session.Harness`: options, images, accel
+  ``dma_images``   (session) the :class:`~harness.vm.machine.BootImages` (kernel, initrd, keys),
+                   built once per cache and reused
   ``vm_factory``   (function) ``make(spec=None, name=None, trace=True)`` -> a running VM;
                    every VM it made is checked and torn down at teardown
   ``vm``           (function) one running VM for the test's ``dma_machine`` marker (default:
@@ -31,7 +33,7 @@ from harness.errors import HarnessError, QEMUNotFound
 from harness.scenario import Scenario
 from harness.session import Harness, HarnessOptions
 from harness.vm.devices import IntelIommu, NvmeController
-from harness.vm.machine import VM
+from harness.vm.machine import VM, BootImages
 from harness.vm.spec import MachineSpec
 from harness.workloads import NvmePattern
 
@@ -112,6 +114,11 @@ def dma_harness(pytestconfig: pytest.Config) -> Harness:
         pytest.fail(f"dma-harness cannot prepare guest images: {exc}", pytrace=False)
     pytestconfig.stash[HARNESS_KEY] = h
     return h
+
+
+@pytest.fixture(scope="session")
+def dma_images(dma_harness: Harness) -> BootImages:
+    return dma_harness.images()
 
 
 def _slug(nodeid: str) -> str:

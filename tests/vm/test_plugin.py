@@ -64,3 +64,11 @@ def test_bad_accel_option_is_a_usage_error(pytester):
     result = pytester.runpytest_subprocess("--dma-accel=hvf")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["*--dma-accel must be auto, tcg or kvm, not 'hvf'*"])
+
+
+def test_session_images_are_cached_files(dma_images, dma_harness):
+    root = dma_harness.cache.root
+    for path in (dma_images.kernel, dma_images.initrd, dma_images.ssh_key):
+        assert path.is_file() and root in path.parents
+    assert dma_images.ssh_key.stat().st_mode & 0o777 == 0o600
+    assert dma_images.host_key.startswith("ssh-ed25519 ")
