@@ -177,6 +177,15 @@ def _sid_text(sid: int) -> str:
     return f"sid {sid:#06x} ({_bdf(sid)})"
 
 
+def _origin(m: IOTLBMap) -> Event | None:
+    """The ``vtd_iotlb_page_update`` event that added ``m`` (kept in its opaque)."""
+    return m.opaque if isinstance(m.opaque, Event) else None
+
+
+def _map_added(origin: Event | None) -> list[tuple[str, Event]]:
+    return [("map added", origin)] if origin is not None else []
+
+
 def _map_text(m: IOTLBMap) -> str:
     return f"[{m.start:#x}-{m.last:#x}] -> {m.addr:#x} {perm_name(m.perm)}"
 
@@ -605,8 +614,8 @@ class DMAChecker:
                 m = model.first(iova, iova)
                 if m is None:
                     continue
-                origin = m.opaque if isinstance(m.opaque, Event) else None
-                related = [("map added", origin)] if origin is not None else []
+                origin = _origin(m)
+                related = _map_added(origin)
                 added = f", added at line {origin.lineno}," if origin is not None else ""
                 where = f"{_sid_text(sid)} domain {domain:#x} iova {iova:#x}"
                 walk = f"gpa {e.gpa:#x} {perm_name(e.perm)} (domain {e.domain:#x})"
@@ -669,14 +678,14 @@ class DMAChecker:
                     observed=e.gpa,
                 )
         elif (e.slpte & 3) != m.perm or (e.gpa & ~(m.size - 1)) != m.addr:
-            origin = m.opaque if isinstance(m.opaque, Event) else None
+            origin = _origin(m)
             self._diverge(
                 HIT_MISMATCH,
                 e,
                 f"{where}: QEMU's IOTLB hit gives gpa {e.gpa:#x} {perm_name(e.perm)} but the "
                 f"model's entry is {_map_text(m)}"
                 + (f" (added at line {origin.lineno})" if origin is not None else ""),
-                related=[("map added", origin)] if origin is not None else [],
+                related=_map_added(origin),
                 sid=sid,
                 domain=domain,
                 iova=iova,
@@ -787,14 +796,14 @@ class DMAChecker:
             return
         expected = (m.addr + iova - m.start) & _U64
         if expected != gpa:
-            origin = m.opaque if isinstance(m.opaque, Event) else None
+            origin = _origin(m)
             self._diverge(
                 WRONG_TRANSLATION,
                 e,
                 f"{_sid_text(sid)} domain {domain:#x} iova {iova:#x}: QEMU translated to gpa "
                 f"{gpa:#x} but the model translates to {expected:#x} (map {_map_text(m)}"
                 + (f", added at line {origin.lineno})" if origin is not None else ")"),
-                related=[("map added", origin)] if origin is not None else [],
+                related=_map_added(origin),
                 sid=sid,
                 domain=domain,
                 iova=iova,
@@ -869,7 +878,7 @@ class DMAChecker:
                 continue
             m = model.first(addr, addr)
             assert m is not None
-            origin = m.opaque if isinstance(m.opaque, Event) else None
+            origin = _origin(m)
             self._diverge(
                 FAULT_ON_LIVE_ENTRY,
                 e,
@@ -877,7 +886,7 @@ class DMAChecker:
                 f"{'write' if e.write else 'read'} fault ({e.reason}) but the model holds "
                 f"the live entry {_map_text(m)} permitting it"
                 + (f" (added at line {origin.lineno})" if origin is not None else ""),
-                related=[("map added", origin)] if origin is not None else [],
+                related=_map_added(origin),
                 sid=e.sid,
                 domain=domain,
                 iova=addr,
