@@ -34,6 +34,7 @@ SUITE = "bookworm"
 DEBIAN_MIRROR = "http://deb.debian.org/debian"
 RECIPE_VERSION = "rootfs-recipe-2"
 AGENT_DIR = Path(__file__).resolve().parent.parent.parent / "guest_agent"
+KEEP_INITRDS = 4
 EXCLUDES = ["/usr/share/doc/*", "/usr/share/man/*", "/usr/share/info/*", "/usr/share/locale/*",
             "/usr/share/lintian/*", "/usr/share/zoneinfo/right/*"]
 # Dropped from the initramfs (needed to install packages, not to run the guest): a
@@ -141,4 +142,14 @@ def ensure_initrd(cache: ImageCache, key_pair: SSHKey, *, refresh: bool = False)
                         w.add_file(name, data)
                     w.close()
                 (out / "manifest.json").write_text(json.dumps({"key": key, "base": base.name}) + "\n")
+            _prune_initrds(cache, keep=KEEP_INITRDS)
     return Initrd(cache.entry("initrd", key) / "initrd.cpio", host_key)
+
+
+def _prune_initrds(cache: ImageCache, keep: int) -> None:
+    """Each overlay edit makes a new full-size initrd; keep only the ``keep`` newest.
+    (A running QEMU has already read its initrd into guest memory.)"""
+    entries = [d for d in cache.path("initrd").iterdir() if (d / "manifest.json").is_file()]
+    entries.sort(key=lambda d: (d / "manifest.json").stat().st_mtime, reverse=True)
+    for old in entries[keep:]:
+        shutil.rmtree(old, ignore_errors=True)

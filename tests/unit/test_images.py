@@ -94,3 +94,15 @@ def test_content_key_and_building_publishes_atomically(tmp_path):
     with cache.building("kind", "k1") as d:
         (d / "manifest.json").write_text("{}")
     assert cache.complete("kind", "k1")
+
+
+def test_only_the_newest_initrds_are_kept(tmp_path):
+    from harness.images.rootfs import _prune_initrds
+    cache = ImageCache(tmp_path)
+    for i in range(6):
+        with cache.building("initrd", f"k{i}") as d:
+            (d / "initrd.cpio").write_bytes(b"x")
+            (d / "manifest.json").write_text("{}")
+        os.utime(cache.entry("initrd", f"k{i}") / "manifest.json", (1000 + i, 1000 + i))
+    _prune_initrds(cache, keep=4)
+    assert sorted(p.name for p in (tmp_path / "initrd").iterdir() if p.is_dir()) == ["k2", "k3", "k4", "k5"]
