@@ -56,7 +56,8 @@ def probe_kvm(qemu: str, kernel: Path, timeout: float = PROBE_TIMEOUT) -> tuple[
         text = log.read_text(errors="replace") if log.exists() else ""
         if "Kernel panic" in text or "VFS:" in text:
             return True, f"a KVM probe guest booted to its root mount in {time.monotonic() - start:.1f}s"
-        return False, ("KVM probe guest failed: " + out.decode(errors="replace").strip()[-200:]) or "no output"
+        said = out.decode(errors="replace").strip().splitlines()
+        return False, "KVM probe guest failed: " + (said[0][:200] if said else "no console output, no error")
 
 
 def resolve_accel(requested: str, qemu: str, kernel: Path, cache_dir: Path | None = None) -> AccelChoice:
