@@ -1,10 +1,16 @@
 """intel-iommu + NVMe: real O_DIRECT block I/O in a real guest, every translation
 the vIOMMU made for the device checked against the IOTLB model."""
 
+import pytest
+
+from harness.vm import IntelIommu, MachineSpec, NvmeController, NvmeNamespace
 from harness.workloads import NvmePattern
 
 
-def test_nvme_o_direct_dma_matches_iotlb_model(vm, dma_verdict):
+@pytest.mark.parametrize("caching_mode", [True, False], ids=["caching-mode", "no-caching-mode"])
+def test_nvme_o_direct_dma_matches_iotlb_model(vm_factory, dma_verdict, caching_mode):
+    vm = vm_factory(MachineSpec(devices=(IntelIommu(caching_mode=caching_mode),
+                                         NvmeController(namespaces=(NvmeNamespace(size_mib=32, lba_size=4096),)))))
     info = vm.agent.call("sysinfo")
     assert "intel_iommu=on" in info["cmdline"] and "iommu.strict=1" in info["cmdline"]
     assert any(name.startswith("dmar") for name in info["iommus"]), info["iommus"]
