@@ -62,6 +62,18 @@ function each comes from:
 * ``vtd_dmar_fault`` (``vtd_report_dmar_fault``): counted; if a model of the
   sid holds a live map covering ``addr`` that permits the access (``write``)
   -> ``fault-on-live-entry`` (QEMU only walks, hence only faults, on a miss).
+* ``dma_blk_io`` / ``dma_blk_cb`` / ``dma_complete`` (system/dma-helpers.c,
+  how hw/nvme moves PRP-described data): ``dma_blk_cb`` maps the request's
+  scatter-gather list with ``dma_memory_map(dir)`` -- one translation a page
+  -- before any other trace event, so every translation between a
+  ``dma_blk_cb`` and the next non-``vtd_*`` event is a mapping in that
+  request's direction, and the model's map must allow it: read for
+  ``to_dev=1`` (a disk write: the device reads guest memory), write for
+  ``to_dev=0`` -> ``dma-permission``.  (It is the only place the trace shows
+  an access direction: ``vtd_dmar_translate`` does not, and QEMU's memory core
+  checks the permission of a hit later, untraced.)  Other DMA the device
+  does before the next trace event would be held to the same direction;
+  with Linux guests those are coherent (read/write) queue pages.
 * Newer QEMU's PASID-based invalidations (``vtd_inv_desc_iotlb_pasid_pages``,
   ``vtd_inv_desc_iotlb_pasid``; not emitted by 7.2) are applied to the whole
   domain: PASIDs are not modelled.
@@ -97,6 +109,9 @@ from harness.models.iotlb import (
 from harness.trace.events import (
     SLPTE_ADDR_MASK,
     ContextCacheReset,
+    DmaBlkCb,
+    DmaBlkIo,
+    DmaComplete,
     DmarEnable,
     DmarFault,
     DmarTranslate,
@@ -149,6 +164,7 @@ PASSTHROUGH_MISMATCH: Final = "passthrough-mismatch"
 TRANSLATION_WITHOUT_ENTRY: Final = "translation-without-entry"
 WRONG_TRANSLATION: Final = "wrong-translation"
 FAULT_ON_LIVE_ENTRY: Final = "fault-on-live-entry"
+DMA_PERMISSION: Final = "dma-permission"
 DIVERGENCE_KINDS: Final = (
     STALE_ENTRY,
     UNEXPECTED_MISS,
@@ -224,6 +240,11 @@ class Counts:
     nvme_writes: int = 0
     nvme_prp_maps: int = 0
     nvme_errors: int = 0
+    dma_requests: int = 0
+    """Block DMA requests (``dma_blk_io``) whose direction is known."""
+    dma_mappings_checked: int = 0
+    """Translations made while a block request mapped its scatter-gather list,
+    checked for the permission its direction needs."""
     walks_without_translate: int = 0
     unknown_lines: int = 0
     malformed_lines: int = 0
@@ -398,6 +419,8 @@ class DMAChecker:
         self._by_kind: dict[str, int] = {}
         self._after_cc_global = False
         self._dmar_enabled: bool | None = None
+        self._dma_requests: dict[int, DmaBlkIo] = {}  # dbs -> its dma_blk_io
+        self._dma_window: DmaBlkIo | None = None  # the request now mapping its sg list
         self._first_malformed: Event | None = None
         self._verdict: Verdict | None = None
         self._handlers: dict[type[Event], Callable[[Any], None]] = {
@@ -419,6 +442,9 @@ class DMAChecker:
             NvmeWrite: self._on_nvme_write,
             NvmeMapPrp: self._on_nvme_prp,
             NvmeError: self._on_nvme_error,
+            DmaBlkIo: self._on_dma_blk_io,
+            DmaBlkCb: self._on_dma_blk_cb,
+            DmaComplete: self._on_dma_complete,
             UnknownEvent: self._on_unknown,
             MalformedEvent: self._on_malformed,
         }
@@ -432,6 +458,8 @@ class DMAChecker:
         self.counts.events_total += 1
         if self._awaiting:
             self._fill_after(event)
+        if not event.IS_VTD:
+            self._dma_window = None  # a block request's mapping loop emits only vtd_* events
         handler = self._handlers.get(type(event))
         if handler is not None:
             try:
@@ -810,6 +838,44 @@ class DMAChecker:
                 expected=expected,
                 observed=gpa,
             )
+            return
+        request = self._dma_window
+        if request is not None:
+            c.dma_mappings_checked += 1
+            need = VHOST_MAP_RO if request.to_dev else VHOST_MAP_WO
+            if (m.perm & need) != need:
+                origin = _origin(m)
+                self._diverge(
+                    DMA_PERMISSION,
+                    e,
+                    f"{_sid_text(sid)} domain {domain:#x} iova {iova:#x}: the device mapped this page to "
+                    f"{'read' if request.to_dev else 'write'} guest memory (block request at line "
+                    f"{request.lineno}, to_dev={int(request.to_dev)}) but the model's map "
+                    f"{_map_text(m)} does not allow {perm_name(need)}",
+                    related=[("dma request", request), *_map_added(origin)],
+                    sid=sid,
+                    domain=domain,
+                    iova=iova,
+                    expected=m.addr,
+                    observed=gpa,
+                )
+
+    # dma-helpers (system/dma-helpers.c): dma_blk_io records the direction,
+    # dma_blk_cb maps the scatter-gather list with dma_memory_map(dir), one
+    # translation a page, before any other trace event.
+    _MAX_DMA_REQUESTS: Final = 4096
+
+    def _on_dma_blk_io(self, e: DmaBlkIo) -> None:
+        self.counts.dma_requests += 1
+        if len(self._dma_requests) >= self._MAX_DMA_REQUESTS:  # requests that never completed
+            self._dma_requests.pop(next(iter(self._dma_requests)))
+        self._dma_requests[e.dbs] = e
+
+    def _on_dma_blk_cb(self, e: DmaBlkCb) -> None:
+        self._dma_window = self._dma_requests.get(e.dbs)
+
+    def _on_dma_complete(self, e: DmaComplete) -> None:
+        self._dma_requests.pop(e.dbs, None)
 
     def _on_inv_pages(self, e: InvIotlbPages) -> None:
         c = self.counts

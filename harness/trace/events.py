@@ -546,6 +546,46 @@ class MalformedEvent(Event):
         return self.trace_name.startswith("vtd_")
 
 
+@dataclass(frozen=True, slots=True)
+class DmaEvent(Event):
+    """Base of QEMU's dma-helpers events (system/dma-helpers.c: block DMA through
+    a scatter-gather list, as hw/nvme uses for PRP-described data)."""
+
+
+@dataclass(frozen=True, slots=True)
+class DmaBlkIo(DmaEvent):
+    """``dma_blk_io``: a block request starts; ``to_dev`` True means the device reads
+    guest memory (a disk write), False that it writes guest memory (a disk read).
+    ``dbs`` identifies the request (a host pointer) in later events."""
+
+    NAME: ClassVar[str] = "dma_blk_io"
+    dbs: int
+    bs: int
+    offset: int
+    to_dev: bool
+
+
+@dataclass(frozen=True, slots=True)
+class DmaBlkCb(DmaEvent):
+    """``dma_blk_cb``: the request's next step; it maps the rest of its
+    scatter-gather list (``dma_memory_map``, one IOMMU translation a page)
+    before the next trace event."""
+
+    NAME: ClassVar[str] = "dma_blk_cb"
+    dbs: int
+    ret: int
+
+
+@dataclass(frozen=True, slots=True)
+class DmaComplete(DmaEvent):
+    """``dma_complete``: the request is done (its mappings are released)."""
+
+    NAME: ClassVar[str] = "dma_complete"
+    dbs: int
+    ret: int
+    cb: int
+
+
 EVENT_CLASSES: Final[tuple[type[Event], ...]] = (
     IotlbPageUpdate,
     IotlbPageHit,
@@ -571,6 +611,9 @@ EVENT_CLASSES: Final[tuple[type[Event], ...]] = (
     NvmeEnqueueReqCompletion,
     NvmeCreateSq,
     NvmeCreateCq,
+    DmaBlkIo,
+    DmaBlkCb,
+    DmaComplete,
 )
 """Every event class with a fixed trace name (not the catch-alls)."""
 

@@ -64,6 +64,13 @@ def _str(text: str) -> str:
     return text
 
 
+_P = r"(0x[0-9a-fA-F]+|\(nil\))"  # %p (glibc prints a null pointer as "(nil)")
+
+
+def _ptr(text: str) -> int:
+    return 0 if text == "(nil)" else int(text, 16)
+
+
 _Conv = Callable[[str], object]
 
 # name -> (class, args regex, converters of the regex's groups in field order)
@@ -139,6 +146,9 @@ _SPEC_TABLE: Final[list[tuple[type[Event], str, tuple[_Conv, ...]]]] = [
         (int, int, _hex, _str),
     ),
     (ev.NvmeRwCb, rf"cid {_D} blk '{_S}'", (int, _str)),
+    (ev.DmaBlkIo, rf"dbs={_P} bs={_P} offset={_D} to_dev={_D}", (_ptr, _ptr, int, _bool)),
+    (ev.DmaBlkCb, rf"dbs={_P} ret={_D}", (_ptr, int)),
+    (ev.DmaComplete, rf"dbs={_P} ret={_D} cb={_P}", (_ptr, int, _ptr)),
     (
         ev.NvmeEnqueueReqCompletion,
         rf"cid {_D} cqid {_D} dw0 0x{_H} dw1 0x{_H} status 0x{_H}",
@@ -163,6 +173,7 @@ _INLINE: Final[dict[_Conv, str]] = {
     int: "int({})",
     _bool: "({} != '0')",
     _str: "{}",
+    _ptr: "(0 if {0} == '(nil)' else int({0}, 16))",
 }
 
 _Builder = Callable[[int, str, "re.Match[str]"], Event]

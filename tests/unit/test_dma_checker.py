@@ -498,3 +498,44 @@ def test_interleaved_threads_hit_before_the_walks_translate() -> None:
     )
     assert verdict.ok, verdict.format()
     assert verdict.counts.walks_without_translate == 0
+
+
+# ---- block DMA direction (dma-helpers) ---------------------------------------
+
+DMA_READ_INTO_RO = """
+    vtd_dmar_enable enable 1
+    pci_nvme_read cid 1 nsid 1 nlb 8 count 4096 lba 0x0
+    dma_blk_io dbs=0x55aa00 bs=0x55bb00 offset=0 to_dev=0
+    dma_blk_cb dbs=0x55aa00 ret=0
+    vtd_iotlb_page_update IOTLB page update sid 0x10 iova 0x200000 slpte 0x4000001 domain 0x2
+    vtd_dmar_translate dev 00:02.00 iova 0x200000 -> gpa 0x4000000 mask 0xfff
+    pci_nvme_map_prp trans_len 4096 len 4096 prp1 0x300000 prp2 0x0 num_prps 1
+    vtd_iotlb_page_update IOTLB page update sid 0x10 iova 0x300000 slpte 0x5000001 domain 0x2
+    vtd_dmar_translate dev 00:02.00 iova 0x300000 -> gpa 0x5000000 mask 0xfff
+    dma_blk_cb dbs=0x55aa00 ret=0
+    dma_complete dbs=0x55aa00 ret=0 cb=(nil)
+"""
+
+
+def test_device_write_through_read_only_map_in_a_disk_read():
+    v = check(DMA_READ_INTO_RO)
+    assert kinds(v) == ["dma-permission"], v.format()
+    d = v.divergences[0]
+    assert d.lineno == line_of(DMA_READ_INTO_RO, "iova 0x200000 -> gpa")
+    assert "write guest memory" in d.message and "to_dev=0" in d.message
+    # The second translation comes after a non-IOMMU event: outside the mapping loop.
+    assert v.counts.dma_requests == 1 and v.counts.dma_mappings_checked == 1
+
+
+def test_disk_write_needs_only_read_permission():
+    text = DMA_READ_INTO_RO.replace("to_dev=0", "to_dev=1")
+    v = check(text)
+    assert v.ok, v.format()
+    assert v.counts.dma_mappings_checked == 1
+
+
+def test_completed_request_opens_no_window():
+    text = DMA_READ_INTO_RO.replace("dma_blk_cb dbs=0x55aa00 ret=0\n    vtd_iotlb_page_update IOTLB page update sid 0x10 iova 0x200000",
+                                    "dma_complete dbs=0x55aa00 ret=0 cb=(nil)\n    dma_blk_cb dbs=0x55aa00 ret=0\n    vtd_iotlb_page_update IOTLB page update sid 0x10 iova 0x200000")
+    v = check(text)
+    assert v.ok and v.counts.dma_mappings_checked == 0, v.format()

@@ -153,3 +153,35 @@ def test_hit_on_an_invalidated_entry_is_reported(recording):
     first = verdict.divergences[0]
     assert (first.kind, first.lineno) == ("hit-after-invalidation", hit), verdict.format()
     assert ("invalidated by", inv) in [(role, tl.lineno) for role, tl in first.related], first.format()
+
+
+def test_device_writing_through_a_read_only_map_is_reported(recording):
+    """Turn the page a disk read (dma_blk_io to_dev=0: the device writes guest memory)
+    maps into a read-only map, in every walk and hit of it until its invalidation."""
+    io = next(n for n, t in numbered(recording) if t.startswith("dma_blk_io") and t.endswith("to_dev=0"))
+    walk = next(n for n, t in numbered(recording) if n > io and t.startswith("vtd_iotlb_page_update"))
+    m = _UPDATE.match(recording[walk - 1])
+    assert m and recording[walk].startswith("vtd_dmar_translate")
+    page, dom = int(m.group(2), 16) >> 12, int(m.group(3), 16)
+    tampered = numbered(recording)
+    for i in range(walk - 1, len(recording)):
+        text = recording[i]
+        inv = _INV.match(text)
+        if inv and int(inv.group(1), 16) == dom:
+            first = (int(inv.group(2), 16) >> 12) & ~((1 << int(inv.group(3), 16)) - 1)
+            if first <= page < first + (1 << int(inv.group(3), 16)):
+                break
+        u = _UPDATE.match(text)
+        if u and int(u.group(2), 16) >> 12 == page:
+            tampered[i] = (i + 1, re.sub(r"(slpte 0x[0-9a-f]*)[0-9a-f]( )", r"\g<1>1\2", text))
+    verdict = check_numbered(tampered)
+    first = verdict.divergences[0]
+    assert (first.kind, first.lineno) == ("dma-permission", walk + 1), verdict.format()
+    assert ("dma request", io) in [(role, tl.lineno) for role, tl in first.related]
+    assert set(verdict.divergences_by_kind) == {"dma-permission"}, verdict.format()
+
+
+def test_recorded_runs_check_block_dma_direction(recording):
+    c = check_lines(recording).counts
+    assert c.dma_requests == c.nvme_commands > 0
+    assert c.dma_mappings_checked >= 16 * c.dma_requests  # 64 KiB requests: 16 pages each

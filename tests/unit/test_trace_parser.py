@@ -356,3 +356,14 @@ def test_translate_round_trip(bus: int, slot: int, func: int, iova: int, gpa: in
     assert isinstance(event, DmarTranslate)
     assert (event.bus, event.slot, event.func, event.iova, event.gpa) == (bus, slot, func, iova, gpa)
     assert event.sid == make_sid(bus, slot, func)
+
+
+def test_dma_helpers_events_parse_pointers_and_direction():
+    from harness.trace import parse_line
+    from harness.trace.events import DmaBlkCb, DmaBlkIo, DmaComplete
+    e = parse_line("dma_blk_io dbs=0x5654f3557350 bs=0x5654f26c2ef0 offset=196608 to_dev=1", 3)
+    assert isinstance(e, DmaBlkIo) and (e.dbs, e.offset, e.to_dev, e.lineno) == (0x5654F3557350, 196608, True, 3)
+    e = parse_line("dma_blk_cb dbs=0x5654f3557350 ret=-5", 4)
+    assert isinstance(e, DmaBlkCb) and e.ret == -5
+    e = parse_line("dma_complete dbs=0x1 ret=0 cb=(nil)", 5)
+    assert isinstance(e, DmaComplete) and e.cb == 0
