@@ -19,22 +19,22 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
 
+from harness.options import ACCELS, OPTION_HELP
 from harness.errors import GuestPanicked, HarnessError, ImageError, QEMUExited, VMError
 from harness.workloads import WorkloadFailed
 
 if TYPE_CHECKING:
     from harness.session import Harness
-    from harness.vm.spec import MachineSpec
 
 EXIT_DIVERGENCE = 1
 EXIT_USAGE = 2
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--qemu", help="QEMU binary (default: $DMA_HARNESS_QEMU or qemu-system-x86_64)")
-    p.add_argument("--kernel", help="use this bzImage instead of building the project's kernel")
-    p.add_argument("--accel", choices=("auto", "tcg", "kvm"), help="accelerator (default: auto)")
-    p.add_argument("--cache", help="image cache folder (default: $DMA_HARNESS_CACHE or the user cache dir)")
+    p.add_argument("--qemu", help=OPTION_HELP["qemu"])
+    p.add_argument("--kernel", help=OPTION_HELP["kernel"])
+    p.add_argument("--accel", choices=ACCELS, help=OPTION_HELP["accel"])
+    p.add_argument("--cache", help=OPTION_HELP["cache"])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,8 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="boot a scenario, run its workload, print the DMA verdict")
     run.add_argument("config", help="scenario file, e.g. configs/intel-iommu-nvme.toml")
-    run.add_argument("--artifacts", default="artifacts", help="folder for evidence on failure (default: artifacts)")
-    run.add_argument("--keep-artifacts", action="store_true", help="save evidence for passing runs too")
+    run.add_argument("--artifacts", default="artifacts", help=OPTION_HELP["artifacts"])
+    run.add_argument("--keep-artifacts", action="store_true", help=OPTION_HELP["keep-artifacts"])
     run.add_argument("--json", action="store_true", help="print the result as JSON")
     _common(run)
 
@@ -75,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _harness(args: argparse.Namespace) -> Harness:
-    from harness.session import Harness, HarnessOptions
+    from harness.options import HarnessOptions
+    from harness.session import Harness
     return Harness(HarnessOptions.from_env(qemu=args.qemu, kernel=args.kernel, accel=args.accel, cache=args.cache,
                                            artifacts=getattr(args, "artifacts", None),
                                            keep_artifacts=getattr(args, "keep_artifacts", None)))
@@ -101,8 +102,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_bench_boot(args: argparse.Namespace) -> int:
     from harness.scenario import load_scenario
-    from harness.vm.spec import MachineSpec
-    spec = load_scenario(args.config).machine if args.config else _default_machine()
+    from harness.vm.spec import default_machine
+    spec = load_scenario(args.config).machine if args.config else default_machine()
     if args.runs < 1:
         raise HarnessError("--runs must be at least 1")
     h = _harness(args)
@@ -123,7 +124,6 @@ def cmd_bench_boot(args: argparse.Namespace) -> int:
             print(line)
     print(f"boot time over {len(times)} boots (QEMU start -> guest agent answers): "
           f"median {statistics.median(times):.2f}s, min {min(times):.2f}s, max {max(times):.2f}s")
-    assert isinstance(spec, MachineSpec)
     return 0
 
 
@@ -135,11 +135,6 @@ def _median_seconds(fn: Callable[[], object], n: int = 20) -> float:
         fn()
         samples.append(time.perf_counter() - t)
     return statistics.median(samples)
-
-
-def _default_machine() -> MachineSpec:
-    from harness.vm import IntelIommu, MachineSpec, NvmeController
-    return MachineSpec(devices=(IntelIommu(caching_mode=True), NvmeController()))
 
 
 def cmd_bench_iotlb(args: argparse.Namespace) -> int:

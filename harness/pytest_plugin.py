@@ -31,10 +31,10 @@ import pytest
 from harness.checks.dma import Verdict, check_trace_file
 from harness.errors import HarnessError, QEMUNotFound
 from harness.scenario import Scenario
-from harness.session import Harness, HarnessOptions
-from harness.vm.devices import IntelIommu, NvmeController
+from harness.options import ACCELS, OPTION_HELP, HarnessOptions
+from harness.session import Harness
 from harness.vm.machine import VM, BootImages
-from harness.vm.spec import MachineSpec
+from harness.vm.spec import MachineSpec, default_machine
 from harness.workloads import NvmePattern
 
 HARNESS_KEY = pytest.StashKey[Harness]()
@@ -42,12 +42,12 @@ REPORTS_KEY = pytest.StashKey[dict[str, pytest.TestReport]]()  # "nodeid::when" 
 
 # name, ini/option help, default, kind ("store" or "store_true"); each is --dma-NAME and ini dma_NAME
 OPTIONS: tuple[tuple[str, str, Any, str], ...] = (
-    ("qemu", "QEMU binary (default: $DMA_HARNESS_QEMU or qemu-system-x86_64 on PATH)", None, "store"),
-    ("kernel", "boot this bzImage instead of the project's kernel", None, "store"),
-    ("accel", "accelerator: auto (KVM only if a probe guest boots), tcg or kvm", None, "store"),
-    ("cache", "image cache folder (default: $DMA_HARNESS_CACHE or the user cache dir)", None, "store"),
-    ("artifacts", "folder for per-test failure artifacts", "artifacts", "store"),
-    ("keep-artifacts", "save artifacts for passing tests too", False, "store_true"),
+    ("qemu", OPTION_HELP["qemu"], None, "store"),
+    ("kernel", OPTION_HELP["kernel"], None, "store"),
+    ("accel", OPTION_HELP["accel"], None, "store"),
+    ("cache", OPTION_HELP["cache"], None, "store"),
+    ("artifacts", OPTION_HELP["artifacts"], "artifacts", "store"),
+    ("keep-artifacts", OPTION_HELP["keep-artifacts"], False, "store_true"),
 )
 
 
@@ -73,7 +73,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "dma_no_check: do not fail the test on DMA divergence at teardown")
     config.stash[REPORTS_KEY] = {}
     accel = _option(config, "accel")
-    if accel not in (None, "", "auto", "tcg", "kvm"):
+    if accel not in (None, "", *ACCELS):
         raise pytest.UsageError(f"--dma-accel must be auto, tcg or kvm, not {accel!r}")
 
 
@@ -89,10 +89,6 @@ def _failed(item: pytest.Item) -> bool:
     reports = item.config.stash[REPORTS_KEY]
     return any(r.failed for when in ("setup", "call")
                if (r := reports.get(f"{item.nodeid}::{when}")) is not None)
-
-
-def default_machine() -> MachineSpec:
-    return MachineSpec(devices=(IntelIommu(caching_mode=True), NvmeController()))
 
 
 @pytest.fixture(scope="session")

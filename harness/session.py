@@ -5,44 +5,17 @@ over it."""
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
 from pathlib import Path
 
 from harness.images.cache import ImageCache
 from harness.images.kernel import KernelImage, ensure_kernel, user_kernel
 from harness.images.rootfs import ensure_initrd
 from harness.images.sshkey import ensure_ssh_key
+from harness.options import HarnessOptions
 from harness.trace.parser import TRACE_EVENTS
 from harness.vm.accel import AccelChoice, resolve_accel
 from harness.vm.machine import VM, BootImages, find_qemu
 from harness.vm.spec import MachineSpec
-
-
-@dataclass(frozen=True)
-class HarnessOptions:
-    """``qemu`` (binary or None for PATH/DMA_HARNESS_QEMU), ``kernel`` (a bzImage of
-    the user's, or None to build the project's), ``accel`` (auto/tcg/kvm), ``cache``
-    (image cache root or None), ``artifacts`` (folder for failure artifacts),
-    ``keep_artifacts`` (also keep them for passing runs)."""
-
-    qemu: str | None = None
-    kernel: str | None = None
-    accel: str = "auto"
-    cache: str | None = None
-    artifacts: str = "artifacts"
-    keep_artifacts: bool = False
-
-    @classmethod
-    def from_env(cls, **overrides: object) -> HarnessOptions:
-        values: dict[str, object] = {
-            "qemu": os.environ.get("DMA_HARNESS_QEMU"),
-            "kernel": os.environ.get("DMA_HARNESS_KERNEL"),
-            "accel": os.environ.get("DMA_HARNESS_ACCEL", "auto"),
-            "cache": os.environ.get("DMA_HARNESS_CACHE"),
-        }
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**values)  # type: ignore[arg-type]
 
 
 class Harness:

@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from harness.errors import DeviceConfigError
-from harness.vm.devices import IOMMU_KINDS, Device, IntelIommu, RenderContext
+from harness.options import ACCELS
+from harness.vm.devices import IOMMU_KINDS, Device, IntelIommu, NvmeController, RenderContext
 
-ACCELS = ("auto", "tcg", "kvm")
 
 
 @dataclass(frozen=True)
@@ -93,3 +93,9 @@ class MachineSpec:
                              if f.name != "devices" and getattr(self, f.name) is not None}
         t["devices"] = [d.to_table() for d in self.devices]
         return t
+
+
+def default_machine() -> MachineSpec:
+    """The machine used when none is given: q35, intel-iommu (caching mode), one NVMe
+    controller with a 64 MiB namespace; accelerator ``auto``."""
+    return MachineSpec(devices=(IntelIommu(caching_mode=True), NvmeController()))

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.pytest_plugin import default_machine
+from harness.vm.spec import default_machine
 from harness.scenario import load_scenario
 
 pytest_plugins = ["pytester"]
