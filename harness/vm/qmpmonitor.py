@@ -16,13 +16,19 @@ from harness.errors import VMError
 
 
 class QMPMonitor:
-    """A connected QMP monitor. ``cmd`` raises :class:`VMError` on a QMP error reply
-    or a lost connection; :meth:`poll_events` never blocks."""
+    """A connected QMP monitor. The constructor raises :class:`VMError` when QEMU does
+    not complete the QMP handshake; ``cmd`` raises it on a QMP error reply or a lost
+    connection; :meth:`poll_events` never blocks."""
 
     def __init__(self, socket_path: Path, log_path: Path, *, nickname: str = "vm"):
         self._log = open(log_path, "a", buffering=1)
         self._qmp = QEMUMonitorProtocol(str(socket_path), nickname=nickname)
-        self.greeting = self._qmp.connect(negotiate=True)
+        try:
+            self.greeting = self._qmp.connect(negotiate=True)
+        except (QMPError, OSError, EOFError, asyncio.TimeoutError) as exc:
+            self._record("error", repr(exc))
+            self._log.close()
+            raise VMError(f"cannot connect QMP on {socket_path}: {exc}") from exc
         self._record("greeting", self.greeting)
         self.events: list[dict[str, Any]] = []
 

@@ -40,3 +40,18 @@ def test_guest_that_never_comes_up(dma_harness, tmp_path, no_leftovers):
     assert first.startswith("error: intel-iommu-nvme: the guest agent did not answer within 8s"), first
     assert rest[0] == "last console lines:" and all(line.startswith("  | ") for line in rest[1:]), rest
     assert any("/bin/cat" in line for line in rest), rest
+
+
+def test_qemu_that_dies_at_start_up_is_reported_with_its_output(dma_harness, tmp_path, no_leftovers):
+    """Not a QEMU test: a stand-in binary that fails at start-up exercises the
+    harness's launch-failure path (exit 2, QEMU's own words, the argv)."""
+    fake = tmp_path / "qemu-system-x86_64"
+    fake.write_text("#!/bin/sh\necho 'qemu-system-x86_64: -device nvme: could not open backing file' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    proc = run_cli("run", "configs/intel-iommu-nvme.toml", "--qemu", str(fake), "--accel", "tcg",
+                   env_cache=dma_harness.cache.root)
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.splitlines()
+    assert lines[0].startswith("error: QEMU exited during start-up (exit status 1)"), lines[0]
+    assert "could not open backing file" in proc.stderr and f"argv: {fake} -name" in proc.stderr
