@@ -143,9 +143,13 @@ def vm_factory(request: pytest.FixtureRequest, dma_harness: Harness) -> Iterator
              boot_timeout: float = 60.0) -> VM:
         vm = dma_harness.vm(spec or default_machine(), name=name or f"vm{len(tracked)}",
                             boot_timeout=boot_timeout, trace=trace)
-        entry = _Tracked(vm, trace)
-        tracked.append(entry)
-        vm.__enter__()
+        tracked.append(_Tracked(vm, trace))
+        try:
+            vm.launch()
+            vm.wait_ready()
+        except BaseException:
+            vm.shutdown()  # the run directory stays for the teardown to save its console log
+            raise
         return vm
 
     make.tracked = tracked  # type: ignore[attr-defined]

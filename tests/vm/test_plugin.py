@@ -72,3 +72,17 @@ def test_session_images_are_cached_files(dma_images, dma_harness):
         assert path.is_file() and root in path.parents
     assert dma_images.ssh_key.stat().st_mode & 0o777 == 0o600
     assert dma_images.host_key.startswith("ssh-ed25519 ")
+
+
+def test_guest_that_does_not_boot_leaves_its_console_log(pytester, dma_harness, tmp_path, no_leftovers):
+    pytester.makepyfile(test_inner="""
+        from harness.vm.spec import default_machine
+
+        def test_stuck(vm_factory):
+            vm_factory(default_machine().replace(cmdline="rdinit=/bin/cat loglevel=7"), boot_timeout=6)
+    """)
+    result = run_child(pytester, dma_harness, tmp_path)
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*GuestBootTimeout*did not answer within 6s*"])
+    console = (tmp_path / "test_inner.py_test_stuck" / "vm0" / "console.log").read_text()
+    assert "Run /bin/cat as init process" in console
