@@ -95,6 +95,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"scenario {scenario.name}: accel {result.accel}, guest ready in {result.boot_seconds:.2f}s, "
               f"workload {result.workload_seconds:.2f}s ({len(result.records)} agent ops)")
         print(result.verdict.format())
+        print(result.block_io.format())
         if result.artifacts:
             print(f"artifacts: {result.artifacts}")
     return 0 if result.ok else EXIT_DIVERGENCE

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from harness.checks.dma import Verdict, check_trace_file
+from harness.checks.block_io import BlockIoCollector, BlockIoReport
+from harness.checks.dma import DMAChecker, Verdict
 from harness.scenario import Scenario
 from harness.session import Harness
+from harness.trace import parse_file
 
 
 @dataclass
@@ -21,23 +23,34 @@ class RunResult:
     workload_seconds: float
     records: list[dict[str, Any]]
     verdict: Verdict
+    block_io: BlockIoReport
     artifacts: Path | None = None
-    notes: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return self.verdict.ok
+        return self.verdict.ok and self.block_io.ok
 
     def to_dict(self) -> dict[str, Any]:
         return {"scenario": self.scenario, "accel": self.accel, "boot_seconds": round(self.boot_seconds, 3),
                 "workload_seconds": round(self.workload_seconds, 3), "records": self.records,
-                "verdict": self.verdict.to_dict(), "artifacts": str(self.artifacts) if self.artifacts else None}
+                "verdict": self.verdict.to_dict(), "block_io": self.block_io.to_dict(),
+                "artifacts": str(self.artifacts) if self.artifacts else None}
+
+
+def check_run(trace: Path, records: list[dict[str, Any]]) -> tuple[Verdict, BlockIoReport]:
+    """One pass over the trace: the DMA checker and the guest-I/O coverage check."""
+    checker, io = DMAChecker(), BlockIoCollector()
+    for event in parse_file(trace):
+        checker.feed(event)
+        io.feed(event)
+    return checker.finish(), io.finish(records)
 
 
 def run_scenario(harness: Harness, scenario: Scenario, artifacts_dir: Path | None = None) -> RunResult:
-    """Boot, run the workload, stop QEMU, check its trace. Artifacts (argv, logs,
-    trace, verdict, a reproducing config) are saved to ``artifacts_dir`` when the
-    verdict diverges, the workload fails, or ``keep_artifacts`` is set."""
+    """Boot, run the workload, stop QEMU, check its trace (DMA against the IOTLB
+    model; the guest's I/O against the device's commands). Artifacts (argv, logs,
+    trace, verdicts, a reproducing config) are saved to ``artifacts_dir`` when a
+    check fails, the workload fails, or ``keep_artifacts`` is set."""
     accel = harness.accel(scenario.machine.accel).accel
     with harness.vm(scenario.machine, name=scenario.name, boot_timeout=scenario.boot_timeout) as vm:
         boot = vm.boot_seconds or 0.0
@@ -50,13 +63,15 @@ def run_scenario(harness: Harness, scenario: Scenario, artifacts_dir: Path | Non
             error = exc
         elapsed = time.monotonic() - t0
         vm.shutdown()
-        verdict = check_trace_file(vm.trace_log)
+        verdict, block_io = check_run(vm.trace_log, records)
         saved: Path | None = None
-        if artifacts_dir is not None and (error or not verdict.ok or harness.options.keep_artifacts):
+        if artifacts_dir is not None and (error or not verdict.ok or not block_io.ok
+                                          or harness.options.keep_artifacts):
             saved = vm.save_artifacts(artifacts_dir, {
                 "verdict.json": verdict.to_dict(), "verdict.txt": verdict.format(),
-                "records.json": json.dumps(records, indent=2), "config.toml": scenario.to_toml(),
+                "block_io.json": block_io.to_dict(), "records.json": json.dumps(records, indent=2),
+                "config.toml": scenario.to_toml(),
             })
         if error is not None:
             raise error
-    return RunResult(scenario.name, accel, boot, elapsed, records, verdict, saved)
+    return RunResult(scenario.name, accel, boot, elapsed, records, verdict, block_io, saved)

@@ -24,6 +24,8 @@ def test_main_job_prints_verdict_with_counts(dma_harness, tmp_path, no_leftovers
     counts = result["verdict"]["counts"]
     assert result["verdict"]["ok"] and counts["translations"] > 0 and counts["invalidations"] > 0
     assert all(r["verified"] for r in result["records"])
+    io = result["block_io"]
+    assert io["ok"] and io["device_written"] >= io["guest_written"] == 2 << 20
     assert list(tmp_path.iterdir()) == []  # nothing diverged: no artifacts
 
 
