@@ -30,13 +30,12 @@ from typing import Any
 import tomli_w
 
 from harness.errors import ConfigError, DeviceConfigError
-from harness.vm.devices import device_from_table
+from harness.tables import from_table
+from harness.vm.devices import Device, device_from_table
 from harness.vm.spec import MachineSpec
 from harness.workloads import Workload, workload_from_table
 
 _TOP_KEYS = {"name", "description", "machine", "devices", "workload", "boot_timeout"}
-_MACHINE_TYPES = {"machine": str, "memory_mib": int, "cpus": int, "accel": str, "cpu": str,
-                  "kernel": str, "initrd": str, "cmdline": str}
 
 
 @dataclass(frozen=True)
@@ -89,6 +88,10 @@ def load_scenario(path: str | Path) -> Scenario:
         raise type(exc)(str(exc), key=exc.key, source=str(p)) from None
 
 
+def _devices(tables: list[dict[str, Any]], path: str) -> tuple[Device, ...]:
+    return tuple(device_from_table(d, f"devices[{i}]") for i, d in enumerate(tables))
+
+
 def scenario_from_table(data: dict[str, Any]) -> Scenario:
     for key in data:
         if key not in _TOP_KEYS:
@@ -101,24 +104,13 @@ def scenario_from_table(data: dict[str, Any]) -> Scenario:
     machine = data.get("machine", {})
     if not isinstance(machine, dict):
         raise ConfigError("[machine] must be a table", key="machine")
-    kwargs: dict[str, Any] = {}
-    for key, value in machine.items():
-        if key not in _MACHINE_TYPES:
-            raise ConfigError(f"unknown key {key!r} in [machine] (known: {', '.join(_MACHINE_TYPES)})",
-                              key=f"machine.{key}")
-        want = _MACHINE_TYPES[key]
-        if not isinstance(value, want) or (want is int and isinstance(value, bool)):
-            raise ConfigError(f"machine.{key} must be {want.__name__}, not {type(value).__name__} {value!r}",
-                              key=f"machine.{key}")
-        kwargs[key] = value
+    if "devices" in machine:
+        raise ConfigError("devices go in top-level [[devices]] tables, not in [machine]", key="machine.devices")
     devices = data.get("devices", [])
     if not isinstance(devices, list) or not all(isinstance(d, dict) for d in devices):
         raise ConfigError("devices must be an array of tables ([[devices]])", key="devices")
-    kwargs["devices"] = tuple(device_from_table(d, f"devices[{i}]") for i, d in enumerate(devices))
-    try:
-        spec = MachineSpec(**kwargs)
-    except DeviceConfigError as exc:
-        raise DeviceConfigError(str(exc), key=f"machine.{exc.key}" if exc.key and "." not in exc.key else exc.key)
+    spec = from_table(MachineSpec, {**machine, "devices": devices}, "machine", error=DeviceConfigError,
+                      ignore=(), convert={"devices": _devices})
     wl = data["workload"]
     if not isinstance(wl, dict):
         raise ConfigError("[workload] must be a table", key="workload")

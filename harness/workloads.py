@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from harness.errors import ConfigError, HarnessError
+from harness.tables import from_table
 from harness.vm.agent import AgentChannel
 
 
@@ -48,12 +49,12 @@ class NvmePattern(Workload):
         for name in ("offset", "length", "chunk"):
             value = getattr(self, name)
             if value < 0 or value % 4096:
-                raise ConfigError(f"workload.{name} must be a non-negative multiple of 4096, not {value}",
-                                  key=f"workload.{name}")
-        if self.length == 0 or self.chunk == 0:
-            raise ConfigError("workload.length and workload.chunk must be > 0", key="workload.length")
+                raise ConfigError(f"{name} must be a non-negative multiple of 4096, not {value}", key=name)
+        for name in ("length", "chunk"):
+            if getattr(self, name) == 0:
+                raise ConfigError(f"{name} must be > 0", key=name)
         if not 1 <= self.rounds <= 1000:
-            raise ConfigError(f"workload.rounds must be 1..1000, not {self.rounds}", key="workload.rounds")
+            raise ConfigError(f"rounds must be 1..1000, not {self.rounds}", key="rounds")
 
     def run(self, agent: AgentChannel) -> list[dict[str, Any]]:
         records = []
@@ -74,19 +75,4 @@ def workload_from_table(table: dict[str, Any]) -> Workload:
     kind = table.get("kind")
     if kind not in WORKLOADS:
         raise ConfigError(f"unknown workload kind {kind!r} (known: {', '.join(WORKLOADS)})", key="workload.kind")
-    cls = WORKLOADS[kind]
-    known = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in table.items():
-        if key == "kind":
-            continue
-        if key not in known:
-            raise ConfigError(f"unknown key {key!r} in [workload] (known: {', '.join(known)})",
-                              key=f"workload.{key}")
-        expected = known[key].type
-        if (expected == "int" and (not isinstance(value, int) or isinstance(value, bool))) or \
-                (expected == "str" and not isinstance(value, str)):
-            raise ConfigError(f"workload.{key} must be {expected}, not {type(value).__name__} {value!r}",
-                              key=f"workload.{key}")
-        kwargs[key] = value
-    return cls(**kwargs)
+    return from_table(WORKLOADS[kind], table, "workload")

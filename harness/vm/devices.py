@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from harness.errors import DeviceConfigError
+from harness.tables import from_table
 
 
 @dataclass(frozen=True)
@@ -168,56 +169,18 @@ DEVICE_KINDS: dict[str, type[Device]] = {cls.kind: cls for cls in (IntelIommu, N
 IOMMU_KINDS = (IntelIommu,)
 
 
-def _check_type(kind: str, name: str, value: Any, expected: Any) -> None:
-    ok = {
-        "bool": isinstance(value, bool),
-        "int": isinstance(value, int) and not isinstance(value, bool),
-        "str": isinstance(value, str),
-        "int | None": value is None or (isinstance(value, int) and not isinstance(value, bool)),
-    }.get(str(expected), True)
-    if not ok:
-        raise DeviceConfigError(f"{kind}: {name} must be {expected}, not {type(value).__name__} {value!r}",
-                                key=name)
-
-
 def device_from_table(table: dict[str, Any], where: str = "device") -> Device:
     """Build a device from ``{"kind": "nvme", ...}``; unknown kinds and keys are errors."""
     kind = table.get("kind")
     if kind not in DEVICE_KINDS:
         raise DeviceConfigError(f"{where}: unknown device kind {kind!r} (known: {', '.join(DEVICE_KINDS)})",
                                 key=f"{where}.kind")
-    cls = DEVICE_KINDS[kind]
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs: dict[str, Any] = {}
-    for key, value in table.items():
-        if key == "kind":
-            continue
-        if key not in fields:
-            raise DeviceConfigError(f"{where}: unknown key {key!r} for {kind} (known: {', '.join(fields)})",
-                                    key=f"{where}.{key}")
-        if cls is NvmeController and key == "namespaces":
-            if not isinstance(value, list):
-                raise DeviceConfigError(f"{where}: namespaces must be a list of tables", key=f"{where}.namespaces")
-            kwargs[key] = tuple(_namespace(v, f"{where}.namespaces[{i}]") for i, v in enumerate(value))
-            continue
-        _check_type(kind, f"{where}.{key}", value, fields[key].type)
-        kwargs[key] = value
-    try:
-        return cls(**kwargs)
-    except DeviceConfigError as exc:
-        raise DeviceConfigError(f"{where}: {exc}", key=f"{where}.{exc.key}") from None
+    convert = {"namespaces": _namespaces} if DEVICE_KINDS[kind] is NvmeController else None
+    return from_table(DEVICE_KINDS[kind], table, where, error=DeviceConfigError, convert=convert)
 
 
-def _namespace(value: Any, where: str) -> NvmeNamespace:
-    if not isinstance(value, dict):
-        raise DeviceConfigError(f"{where} must be a table", key=where)
-    known = {f.name for f in dataclasses.fields(NvmeNamespace)}
-    for key, v in value.items():
-        if key not in known:
-            raise DeviceConfigError(f"{where}: unknown key {key!r} (known: {', '.join(sorted(known))})",
-                                    key=f"{where}.{key}")
-        _check_type("namespace", f"{where}.{key}", v, "int | None" if key == "nsid" else "int")
-    try:
-        return NvmeNamespace(**value)
-    except DeviceConfigError as exc:
-        raise DeviceConfigError(f"{where}: {exc}", key=f"{where}.{exc.key}") from None
+def _namespaces(value: Any, path: str) -> tuple[NvmeNamespace, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+        raise DeviceConfigError(f"{path} must be a list of tables", key=path)
+    return tuple(from_table(NvmeNamespace, v, f"{path}[{i}]", error=DeviceConfigError, ignore=())
+                 for i, v in enumerate(value))
