@@ -21,7 +21,6 @@ writes a config that reproduces the same VM (used for failure artifacts).
 
 from __future__ import annotations
 
-import dataclasses
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,9 +53,6 @@ class Scenario:
 
     def to_toml(self) -> str:
         return tomli_w.dumps(_drop_none(self.to_table()))
-
-    def replace_machine(self, **changes: Any) -> Scenario:
-        return dataclasses.replace(self, machine=self.machine.replace(**changes))
 
 
 def _drop_none(value: Any) -> Any:

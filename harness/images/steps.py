@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -63,7 +62,3 @@ def _tail(path: Path, n: int) -> str:
     except OSError:
         return ""
     return "\n".join("  | " + line for line in lines)
-
-
-def is_interactive() -> bool:
-    return sys.stderr.isatty()
