@@ -79,10 +79,10 @@ def test_guest_that_does_not_boot_leaves_its_console_log(pytester, dma_harness, 
         from harness.vm.spec import default_machine
 
         def test_stuck(vm_factory):
-            vm_factory(default_machine().replace(cmdline="rdinit=/bin/cat loglevel=7"), boot_timeout=6)
+            vm_factory(default_machine().replace(cmdline="rdinit=/bin/cat loglevel=7"), boot_timeout=15)
     """)
     result = run_child(pytester, dma_harness, tmp_path)
     result.assert_outcomes(failed=1)
-    result.stdout.fnmatch_lines(["*GuestBootTimeout*did not answer within 6s*"])
+    result.stdout.fnmatch_lines(["*GuestBootTimeout*did not answer within 15s*"])
     console = (tmp_path / "test_inner.py_test_stuck" / "vm0" / "console.log").read_text()
     assert "Run /bin/cat as init process" in console
