@@ -166,7 +166,7 @@ def cmd_images(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from harness.checks.dma import check_trace_file
+    from harness.checks.vtd import check_trace_file
     path = Path(args.trace)
     if not path.is_file():
         raise HarnessError(f"trace file {str(path)!r} does not exist")

@@ -28,7 +28,8 @@ from typing import Any
 
 import pytest
 
-from harness.checks.dma import Verdict, check_trace_file
+from harness.checks.verdict import CheckReport as Verdict
+from harness.checks.vtd import check_trace_file
 from harness.errors import HarnessError, QEMUNotFound
 from harness.scenario import Scenario
 from harness.options import ACCELS, OPTION_HELP, HarnessOptions

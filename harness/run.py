@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from harness.checks.block_io import BlockIoCollector, BlockIoReport
-from harness.checks.dma import DMAChecker, Verdict
+from harness.checks.verdict import CheckReport as Verdict
+from harness.checks.vtd import VtdChecker as DMAChecker
 from harness.scenario import Scenario
 from harness.session import Harness
 from harness.trace import parse_file

@@ -1,12 +1,18 @@
-"""Replay of observed events into the reference models; verdicts.
+"""Checkers: observations in, a :class:`~harness.checks.verdict.CheckReport` out.
 
-:mod:`harness.checks.dma` checks every DMA translation of QEMU's emulated
-VT-d against per-(sid, domain) IOTLB models; ``check_trace_file(path)``
-returns a :class:`Verdict`.
+- :mod:`harness.checks.verdict`: the result types every checker shares
+  (divergences with evidence, counts, conclusive or not) and the run's
+  :class:`~harness.checks.verdict.Verdict`.
+- :mod:`harness.checks.vtd`: QEMU-internal consistency of the emulated VT-d
+  (QEMU's IOTLB hits against its own page walks and invalidations).
+- :mod:`harness.checks.dma_window`: which block DMA request (and so which
+  direction) a translation belongs to.
 """
 
-from harness.checks.dma import (
+from harness.checks.verdict import CheckReport, Divergence, DivergenceLog, TraceLine, Verdict
+from harness.checks.vtd import (
     DIVERGENCE_KINDS,
+    DMA_PERMISSION,
     FAULT_ON_LIVE_ENTRY,
     HIT_AFTER_INVALIDATION,
     HIT_MISMATCH,
@@ -16,10 +22,7 @@ from harness.checks.dma import (
     UNEXPECTED_MISS,
     WRONG_TRANSLATION,
     Counts,
-    Divergence,
-    DMAChecker,
-    TraceLine,
-    Verdict,
+    VtdChecker,
     check_events,
     check_lines,
     check_trace_file,
@@ -27,6 +30,7 @@ from harness.checks.dma import (
 
 __all__ = [
     "DIVERGENCE_KINDS",
+    "DMA_PERMISSION",
     "FAULT_ON_LIVE_ENTRY",
     "HIT_AFTER_INVALIDATION",
     "HIT_MISMATCH",
@@ -35,11 +39,13 @@ __all__ = [
     "TRANSLATION_WITHOUT_ENTRY",
     "UNEXPECTED_MISS",
     "WRONG_TRANSLATION",
+    "CheckReport",
     "Counts",
-    "DMAChecker",
     "Divergence",
+    "DivergenceLog",
     "TraceLine",
     "Verdict",
+    "VtdChecker",
     "check_events",
     "check_lines",
     "check_trace_file",

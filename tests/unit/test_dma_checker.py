@@ -1,4 +1,4 @@
-"""Tests of harness.checks.dma on synthetic traces in QEMU 7.2 ``log`` format.
+"""Tests of harness.checks.vtd on synthetic traces in QEMU 7.2 ``log`` format.
 
 Device 00:02.0 is sid 0x10, device 00:03.0 is sid 0x18, device 00:04.0 is sid 0x20.
 """
@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from harness.checks import (
-    DMAChecker,
-    Verdict,
+    VtdChecker,
+    CheckReport,
     check_events,
     check_lines,
     check_trace_file,
@@ -26,7 +26,7 @@ def trace(text: str) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
-def check(text: str, **options: int) -> Verdict:
+def check(text: str, **options: int) -> CheckReport:
     return check_lines(trace(text), **options)
 
 
@@ -41,7 +41,7 @@ def line_of(text: str, needle: str, occurrence: int = 1) -> int:
     raise AssertionError(f"{needle!r} not found")
 
 
-def kinds(verdict: Verdict) -> list[str]:
+def kinds(verdict: CheckReport) -> list[str]:
     return [d.kind for d in verdict.divergences]
 
 
@@ -87,7 +87,8 @@ def test_clean_sequence_is_ok_and_counted() -> None:
     assert c.nvme_prp_maps == 2
     assert c.walks_without_translate == 0 and c.unknown_lines == 0 and c.malformed_lines == 0
     assert verdict.total_divergences == 0 and verdict.divergences == [] and verdict.warnings == []
-    assert "DMA translation check: OK" in verdict.format()
+    assert verdict.conclusive and verdict.inconclusive == []
+    assert "QEMU VT-d consistency" in verdict.format() and ": OK" in verdict.format()
 
 
 def test_removed_invalidation_names_the_stale_maps_origin() -> None:
@@ -449,7 +450,24 @@ def test_unknown_and_malformed_lines_are_counted() -> None:
     )
     assert verdict.ok
     assert verdict.counts.unknown_lines == 2 and verdict.counts.malformed_lines == 1
-    assert any("did not match" in w for w in verdict.warnings)
+    # A vtd_* line that does not parse is evidence the checker depends on: no verdict without it.
+    assert not verdict.conclusive and verdict.status == "inconclusive"
+    assert any("1 vtd_* lines could not be parsed" in r and "iova broken" in r for r in verdict.inconclusive)
+
+
+def test_nothing_checked_is_inconclusive_never_ok() -> None:
+    empty = check_lines([])
+    assert empty.status == "inconclusive" and empty.inconclusive == ["the host trace is empty"]
+    no_dma = check("pci_nvme_read cid 1 nsid 1 nlb 8 count 4096 lba 0x0")
+    assert no_dma.status == "inconclusive"
+    assert "no vtd_dmar_translate event" in no_dma.inconclusive[0]
+
+
+def test_all_vtd_lines_unparseable_is_inconclusive() -> None:
+    """A newer QEMU whose vtd_* formats the parser does not know must not pass."""
+    lines = [line.replace(" iova ", " IOVA=") if line.startswith("vtd_") else line for line in trace(CLEAN)]
+    verdict = check_lines(lines)
+    assert verdict.ok and verdict.status == "inconclusive", verdict.format()
 
 
 def test_out_of_range_values_do_not_raise() -> None:
@@ -460,7 +478,7 @@ def test_out_of_range_values_do_not_raise() -> None:
         vtd_dmar_fault sid 0x10 fault 5 addr 0x1ffffffffffffffffff write 1
         """
     )
-    assert isinstance(verdict, Verdict)
+    assert isinstance(verdict, CheckReport)
 
 
 def test_timestamped_trace_and_file_api(tmp_path: Path) -> None:
@@ -476,7 +494,7 @@ def test_timestamped_trace_and_file_api(tmp_path: Path) -> None:
 
 
 def test_incremental_feed_equals_check_events() -> None:
-    checker = DMAChecker()
+    checker = VtdChecker()
     for event in parse_lines(trace(CLEAN)):
         checker.feed(event)
     verdict = checker.finish()

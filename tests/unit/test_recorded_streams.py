@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.checks.dma import check_events, check_lines
+from harness.checks.vtd import check_events, check_lines
 from harness.trace import parse_line
 
 DATA = Path(__file__).resolve().parents[1] / "data"

@@ -39,7 +39,7 @@ def test_divergence_fails_the_test_at_teardown(pytester, dma_harness, tmp_path, 
     pytester.makeconftest(f"""
         import lzma, re
         import harness.pytest_plugin as plugin
-        from harness.checks.dma import check_lines
+        from harness.checks.vtd import check_lines
 
         def tampered(path):
             lines = lzma.decompress(open({str(DATA / 'intel-iommu-nvme-nocm-qemu7.2.trace.xz')!r}, 'rb').read()).decode().splitlines()

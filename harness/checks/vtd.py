@@ -84,7 +84,7 @@ drops everything past ``max_live_maps`` if such resets are not traced), plus
 a ring of the last ``context`` events, ``history`` invalidations per domain
 and at most ``max_divergences`` recorded divergences.
 
-Errors: :meth:`DMAChecker.feed` after :meth:`DMAChecker.finish` raises
+Errors: :meth:`VtdChecker.feed` after :meth:`VtdChecker.finish` raises
 ``RuntimeError``; :func:`check_trace_file` raises ``OSError`` for the file.
 Trace content never raises.
 """
@@ -94,9 +94,11 @@ from __future__ import annotations
 import os
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Any, Final
 
+from harness.checks.dma_window import BlockDmaWindow
+from harness.checks.verdict import CheckReport, DivergenceLog
 from harness.models.iotlb import (
     IOTLB,
     VHOST_MAP_RO,
@@ -109,9 +111,6 @@ from harness.models.iotlb import (
 from harness.trace.events import (
     SLPTE_ADDR_MASK,
     ContextCacheReset,
-    DmaBlkCb,
-    DmaBlkIo,
-    DmaComplete,
     DmarEnable,
     DmarFault,
     DmarTranslate,
@@ -145,12 +144,11 @@ __all__ = [
     "TRANSLATION_WITHOUT_ENTRY",
     "WRONG_TRANSLATION",
     "FAULT_ON_LIVE_ENTRY",
+    "DMA_PERMISSION",
     "DIVERGENCE_KINDS",
     "Counts",
-    "TraceLine",
-    "Divergence",
-    "Verdict",
-    "DMAChecker",
+    "CHECKER",
+    "VtdChecker",
     "check_events",
     "check_lines",
     "check_trace_file",
@@ -174,7 +172,10 @@ DIVERGENCE_KINDS: Final = (
     TRANSLATION_WITHOUT_ENTRY,
     WRONG_TRANSLATION,
     FAULT_ON_LIVE_ENTRY,
+    DMA_PERMISSION,
 )
+CHECKER: Final = "vtd-consistency"
+TITLE: Final = "QEMU VT-d consistency (QEMU's IOTLB against its own walks and invalidations)"
 
 _U64: Final = (1 << 64) - 1
 _ALL: Final = (0, _U64)
@@ -252,137 +253,14 @@ class Counts:
     """Times the ``max_live_maps`` guard dropped all models (0 when resets are traced)."""
 
 
-@dataclass(frozen=True, slots=True)
-class TraceLine:
-    """A line of the trace: 1-based ``lineno`` and its text ``raw``."""
-
-    lineno: int
-    raw: str
-
-    @classmethod
-    def of(cls, event: Event) -> TraceLine:
-        return cls(event.lineno, event.raw)
-
-    def format(self, marker: str = " ") -> str:
-        return f"{marker} {self.lineno:>8} | {self.raw}"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"lineno": self.lineno, "raw": self.raw}
-
-
-@dataclass
-class Divergence:
-    """One disagreement between QEMU's trace and the model.
-
-    ``line`` is the event where it was detected; ``before`` the up to K
-    events preceding it, ``after`` the up to K following it (filled in as
-    they are fed); ``related`` other lines that explain it, as
-    ``(role, line)``, e.g. ``("map added", ...)``, ``("invalidated by", ...)``.
-    ``iova`` is IO-virtual, ``expected``/``observed`` guest-physical byte
-    addresses (model's answer vs QEMU's), when they apply.
-    """
-
-    kind: str
-    message: str
-    line: TraceLine
-    before: list[TraceLine] = field(default_factory=list)
-    after: list[TraceLine] = field(default_factory=list)
-    related: list[tuple[str, TraceLine]] = field(default_factory=list)
-    sid: int | None = None
-    domain: int | None = None
-    iova: int | None = None
-    expected: int | None = None
-    observed: int | None = None
-
-    @property
-    def lineno(self) -> int:
-        return self.line.lineno
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "kind": self.kind,
-            "message": self.message,
-            "lineno": self.line.lineno,
-            "raw": self.line.raw,
-            "sid": self.sid,
-            "domain": self.domain,
-            "iova": self.iova,
-            "expected": self.expected,
-            "observed": self.observed,
-            "related": [{"role": role, **ln.to_dict()} for role, ln in self.related],
-            "before": [ln.to_dict() for ln in self.before],
-            "after": [ln.to_dict() for ln in self.after],
-        }
-
-    def format(self) -> str:
-        out = [f"{self.kind} at line {self.line.lineno}: {self.message}"]
-        for role, ln in self.related:
-            out.append(f"    {role}: line {ln.lineno}: {ln.raw}")
-        out.append("    context:")
-        out.extend("    " + ln.format() for ln in self.before)
-        out.append("    " + self.line.format(">"))
-        out.extend("    " + ln.format() for ln in self.after)
-        return "\n".join(out)
-
-
-@dataclass
-class Verdict:
-    """The outcome of a check.  ``ok`` iff no divergence was found;
-    ``warnings`` say when the check was incomplete (malformed lines, walks
-    without translate, nothing checked) without failing it."""
-
-    counts: Counts
-    divergences: list[Divergence]
-    """The first ``max_divergences`` divergences, in trace order."""
-    total_divergences: int
-    divergences_by_kind: dict[str, int]
-    warnings: list[str] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return self.total_divergences == 0
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-serialisable dict (ints, strings, lists, dicts, None)."""
-        return {
-            "ok": self.ok,
-            "counts": asdict(self.counts),
-            "total_divergences": self.total_divergences,
-            "divergences_by_kind": dict(self.divergences_by_kind),
-            "warnings": list(self.warnings),
-            "divergences": [d.to_dict() for d in self.divergences],
-        }
-
-    def format(self) -> str:
-        """A human report: verdict, counts table, warnings, divergences with context."""
-        n = self.total_divergences
-        head = "OK" if self.ok else f"FAILED ({n} divergence{'' if n == 1 else 's'})"
-        out = [f"DMA translation check: {head}", "counts:"]
-        counts = asdict(self.counts)
-        width = max(len(k) for k in counts)
-        out.extend(f"  {k:<{width}}  {v:>12}" for k, v in counts.items())
-        if self.divergences_by_kind:
-            out.append("divergences by kind:")
-            out.extend(f"  {k:<{width}}  {v:>12}" for k, v in self.divergences_by_kind.items())
-        if self.warnings:
-            out.append("warnings:")
-            out.extend(f"  - {w}" for w in self.warnings)
-        if self.divergences:
-            shown = len(self.divergences)
-            out.append(f"divergences (first {shown} of {self.total_divergences}):")
-            for i, d in enumerate(self.divergences, 1):
-                out.append(f"[{i}] " + d.format())
-        return "\n".join(out)
-
-
 # --------------------------------------------------------------------------
 # The checker
 # --------------------------------------------------------------------------
 
 
-class DMAChecker:
-    """Feed events in trace order with :meth:`feed`; get a :class:`Verdict`
-    from :meth:`finish`.
+class VtdChecker:
+    """Feed events in trace order with :meth:`feed`; get a
+    :class:`~harness.checks.verdict.CheckReport` from :meth:`finish`.
 
     ``max_divergences``: how many divergences keep full detail (all are
     counted).  ``context``: events kept before and after each one.
@@ -412,17 +290,13 @@ class DMAChecker:
         self._pending: dict[int, deque[_Pending]] = {}
         self._recent_inv: dict[int, deque[tuple[int, int, Event]]] = {}
         self._last_global: Event | None = None
-        self._ring: deque[Event] = deque(maxlen=max(context, 0) or 1)
-        self._awaiting: list[Divergence] = []
-        self._divergences: list[Divergence] = []
-        self._total = 0
-        self._by_kind: dict[str, int] = {}
+        self._log = DivergenceLog(max_divergences=max_divergences, context=context)
         self._after_cc_global = False
         self._dmar_enabled: bool | None = None
-        self._dma_requests: dict[int, DmaBlkIo] = {}  # dbs -> its dma_blk_io
-        self._dma_window: DmaBlkIo | None = None  # the request now mapping its sg list
-        self._first_malformed: Event | None = None
-        self._verdict: Verdict | None = None
+        self._window = BlockDmaWindow()
+        self._first_malformed: Event | None = None  # the first vtd_* line that did not parse
+        self._malformed_vtd = 0
+        self._verdict: CheckReport | None = None
         self._handlers: dict[type[Event], Callable[[Any], None]] = {
             IotlbPageUpdate: self._on_update,
             IotlbPageHit: self._on_hit,
@@ -442,9 +316,6 @@ class DMAChecker:
             NvmeWrite: self._on_nvme_write,
             NvmeMapPrp: self._on_nvme_prp,
             NvmeError: self._on_nvme_error,
-            DmaBlkIo: self._on_dma_blk_io,
-            DmaBlkCb: self._on_dma_blk_cb,
-            DmaComplete: self._on_dma_complete,
             UnknownEvent: self._on_unknown,
             MalformedEvent: self._on_malformed,
         }
@@ -454,12 +325,10 @@ class DMAChecker:
     def feed(self, event: Event) -> None:
         """Consume the next event (trace order).  Raises ``RuntimeError`` after :meth:`finish`."""
         if self._verdict is not None:
-            raise RuntimeError("DMAChecker.feed() after finish()")
+            raise RuntimeError("VtdChecker.feed() after finish()")
         self.counts.events_total += 1
-        if self._awaiting:
-            self._fill_after(event)
-        if not event.IS_VTD:
-            self._dma_window = None  # a block request's mapping loop emits only vtd_* events
+        self._log.seen(event)
+        self._window.feed(event)
         handler = self._handlers.get(type(event))
         if handler is not None:
             try:
@@ -469,7 +338,6 @@ class DMAChecker:
                 self._on_malformed(event)
         if event.IS_VTD:
             self._after_cc_global = type(event) is InvContextGlobal
-        self._ring.append(event)
 
     def feed_all(self, events: Iterable[Event]) -> None:
         """:meth:`feed` every event of ``events``."""
@@ -477,23 +345,19 @@ class DMAChecker:
         for event in events:
             feed(event)
 
-    def finish(self) -> Verdict:
+    def finish(self) -> CheckReport:
         """End of trace: count walks still waiting for their translate and
-        return the :class:`Verdict` (the same object on later calls)."""
+        return the :class:`~harness.checks.verdict.CheckReport` (the same
+        object on later calls)."""
         if self._verdict is not None:
             return self._verdict
         c = self.counts
         for pend in self._pending.values():
             c.walks_without_translate += sum(1 for p in pend if type(p) is IotlbPageUpdate)
         self._pending.clear()
-        self._awaiting.clear()
-        self._verdict = Verdict(
-            counts=c,
-            divergences=list(self._divergences),
-            total_divergences=self._total,
-            divergences_by_kind=dict(self._by_kind),
-            warnings=self._warnings(),
-        )
+        c.dma_requests = self._window.requests
+        self._verdict = self._log.report(CHECKER, c, warnings=self._warnings(),
+                                         inconclusive=self._inconclusive(), title=TITLE)
         return self._verdict
 
     # ---- models -------------------------------------------------------------
@@ -548,57 +412,17 @@ class DMAChecker:
 
     # ---- divergences --------------------------------------------------------
 
-    def _diverge(
-        self,
-        kind: str,
-        event: Event,
-        message: str,
-        *,
-        related: Iterable[tuple[str, Event]] = (),
-        sid: int | None = None,
-        domain: int | None = None,
-        iova: int | None = None,
-        expected: int | None = None,
-        observed: int | None = None,
-    ) -> None:
-        self._total += 1
-        self._by_kind[kind] = self._by_kind.get(kind, 0) + 1
-        if len(self._divergences) >= self.max_divergences:
-            return
-        d = Divergence(
-            kind=kind,
-            message=message,
-            line=TraceLine.of(event),
-            before=[TraceLine.of(e) for e in self._ring] if self.context > 0 else [],
-            related=[(role, TraceLine.of(e)) for role, e in related],
-            sid=sid,
-            domain=domain,
-            iova=iova,
-            expected=expected,
-            observed=observed,
-        )
-        self._divergences.append(d)
-        if self.context > 0:
-            self._awaiting.append(d)
-
-    def _fill_after(self, event: Event) -> None:
-        line = TraceLine.of(event)
-        keep: list[Divergence] = []
-        for d in self._awaiting:
-            d.after.append(line)
-            if len(d.after) < self.context:
-                keep.append(d)
-        self._awaiting = keep
+    def _diverge(self, kind: str, event: Event, message: str, *,
+                 related: Iterable[tuple[str, Event]] = (), **fields: Any) -> None:
+        self._log.diverge(kind, event, message, related=related, **fields)
 
     def _warnings(self) -> list[str]:
         c = self.counts
         out: list[str] = []
-        if c.malformed_lines:
-            first = self._first_malformed
-            where = f" (first: line {first.lineno}: {first.raw})" if first is not None else ""
+        if c.malformed_lines > self._malformed_vtd:
             out.append(
-                f"{c.malformed_lines} lines of known events did not match the QEMU 7.2 "
-                f"format{where}; they were not checked"
+                f"{c.malformed_lines - self._malformed_vtd} lines of known non-vtd events did not "
+                "match the QEMU 7.2 format; they were not checked"
             )
         if c.walks_without_translate:
             out.append(
@@ -610,8 +434,20 @@ class DMAChecker:
                 f"the models exceeded {self.max_live_maps} maps {c.model_overflow_resets} "
                 "times and were dropped (is vtd_iotlb_reset traced?)"
             )
-        if c.events_total and not c.translations:
-            out.append("no vtd_dmar_translate events: no DMA translation was checked")
+        return out
+
+    def _inconclusive(self) -> list[str]:
+        """Why this check could not judge: nothing checked, or vtd_* evidence unreadable."""
+        c = self.counts
+        out: list[str] = []
+        if not c.events_total:
+            out.append("the host trace is empty")
+        elif not c.translations:
+            out.append("no vtd_dmar_translate event: no DMA translation was checked")
+        if self._malformed_vtd:
+            first = self._first_malformed
+            where = f" (first: line {first.lineno}: {first.raw[:200]})" if first is not None else ""
+            out.append(f"{self._malformed_vtd} vtd_* lines could not be parsed{where}")
         return out
 
     # ---- handlers: VT-d ----------------------------------------------------
@@ -839,7 +675,7 @@ class DMAChecker:
                 observed=gpa,
             )
             return
-        request = self._dma_window
+        request = self._window.current
         if request is not None:
             c.dma_mappings_checked += 1
             need = VHOST_MAP_RO if request.to_dev else VHOST_MAP_WO
@@ -859,23 +695,6 @@ class DMAChecker:
                     expected=m.addr,
                     observed=gpa,
                 )
-
-    # dma-helpers (system/dma-helpers.c): dma_blk_io records the direction,
-    # dma_blk_cb maps the scatter-gather list with dma_memory_map(dir), one
-    # translation a page, before any other trace event.
-    _MAX_DMA_REQUESTS: Final = 4096
-
-    def _on_dma_blk_io(self, e: DmaBlkIo) -> None:
-        self.counts.dma_requests += 1
-        if len(self._dma_requests) >= self._MAX_DMA_REQUESTS:  # requests that never completed
-            self._dma_requests.pop(next(iter(self._dma_requests)))
-        self._dma_requests[e.dbs] = e
-
-    def _on_dma_blk_cb(self, e: DmaBlkCb) -> None:
-        self._dma_window = self._dma_requests.get(e.dbs)
-
-    def _on_dma_complete(self, e: DmaComplete) -> None:
-        self._dma_requests.pop(e.dbs, None)
 
     def _on_inv_pages(self, e: InvIotlbPages) -> None:
         c = self.counts
@@ -986,9 +805,10 @@ class DMAChecker:
 
     def _on_malformed(self, e: Event) -> None:
         self.counts.malformed_lines += 1
-        if self._first_malformed is None:
-            self._first_malformed = e
-        if isinstance(e, MalformedEvent) and e.is_vtd:
+        if e.IS_VTD or (isinstance(e, MalformedEvent) and e.is_vtd):
+            self._malformed_vtd += 1
+            if self._first_malformed is None:
+                self._first_malformed = e
             self._after_cc_global = False
 
 
@@ -997,19 +817,19 @@ class DMAChecker:
 # --------------------------------------------------------------------------
 
 
-def check_events(events: Iterable[Event], **options: Any) -> Verdict:
-    """Run a :class:`DMAChecker` (``options`` go to its constructor) over ``events``."""
-    checker = DMAChecker(**options)
+def check_events(events: Iterable[Event], **options: Any) -> CheckReport:
+    """Run a :class:`VtdChecker` (``options`` go to its constructor) over ``events``."""
+    checker = VtdChecker(**options)
     checker.feed_all(events)
     return checker.finish()
 
 
-def check_lines(lines: Iterable[str], **options: Any) -> Verdict:
+def check_lines(lines: Iterable[str], **options: Any) -> CheckReport:
     """Parse trace lines (numbered from 1) and check them; e.g. ``text.splitlines()``."""
     return check_events(parse_lines(lines), **options)
 
 
-def check_trace_file(path: str | os.PathLike[str], **options: Any) -> Verdict:
+def check_trace_file(path: str | os.PathLike[str], **options: Any) -> CheckReport:
     """Parse and check a QEMU trace file (streaming; ``.gz``/``.xz`` accepted).
 
     Raises ``OSError`` if the file cannot be read.
