@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from harness.vm.accel import ACCELS
+
 OPTION_HELP: dict[str, str] = {
     "qemu": "QEMU binary (default: $DMA_HARNESS_QEMU or qemu-system-x86_64 on PATH)",
     "kernel": "boot this bzImage instead of the project's kernel (default: $DMA_HARNESS_KERNEL)",
@@ -14,7 +16,7 @@ OPTION_HELP: dict[str, str] = {
     "artifacts": "folder for failure artifacts (default: artifacts)",
     "keep-artifacts": "save artifacts for passing runs too",
 }
-ACCELS = ("auto", "tcg", "kvm")
+__all__ = ["ACCELS", "OPTION_HELP", "HarnessOptions"]
 
 
 @dataclass(frozen=True)

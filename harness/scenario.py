@@ -29,8 +29,9 @@ from typing import Any
 import tomli_w
 
 from harness.errors import ConfigError, DeviceConfigError
+from harness.device_tables import device_from_table
 from harness.tables import from_table
-from harness.vm.devices import Device, device_from_table
+from harness.vm.devices import Device
 from harness.vm.spec import MachineSpec
 from harness.workloads import Workload, workload_from_table
 

@@ -18,6 +18,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+ACCELS = ("auto", "tcg", "kvm")
+"""Accelerator names a machine spec or a front end accepts (``auto`` resolves to one of the others)."""
 PROBE_TIMEOUT = 10.0
 
 

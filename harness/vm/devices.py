@@ -2,9 +2,9 @@
 construction and rendered to QEMU argv by :meth:`Device.argv`; the kernel command
 line arguments a device needs come from :meth:`Device.kernel_args`.
 
-Construction from a TOML table goes through :func:`device_from_table`, which names
-the offending key in a :class:`~harness.errors.DeviceConfigError` when a key is
-unknown, mistyped or out of range.
+``DEVICE_KINDS`` maps the name a device has in config files to its class; reading
+devices from config files (TOML tables) is not this layer's business: it lives in
+:mod:`harness.device_tables`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from harness.errors import DeviceConfigError
-from harness.tables import from_table
 
 
 @dataclass(frozen=True)
@@ -168,19 +167,3 @@ class NvmeController(Device):
 DEVICE_KINDS: dict[str, type[Device]] = {cls.kind: cls for cls in (IntelIommu, NvmeController)}
 IOMMU_KINDS = (IntelIommu,)
 
-
-def device_from_table(table: dict[str, Any], where: str = "device") -> Device:
-    """Build a device from ``{"kind": "nvme", ...}``; unknown kinds and keys are errors."""
-    kind = table.get("kind")
-    if kind not in DEVICE_KINDS:
-        raise DeviceConfigError(f"{where}: unknown device kind {kind!r} (known: {', '.join(DEVICE_KINDS)})",
-                                key=f"{where}.kind")
-    convert = {"namespaces": _namespaces} if DEVICE_KINDS[kind] is NvmeController else None
-    return from_table(DEVICE_KINDS[kind], table, where, error=DeviceConfigError, convert=convert)
-
-
-def _namespaces(value: Any, path: str) -> tuple[NvmeNamespace, ...]:
-    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
-        raise DeviceConfigError(f"{path} must be a list of tables", key=path)
-    return tuple(from_table(NvmeNamespace, v, f"{path}[{i}]", error=DeviceConfigError, ignore=())
-                 for i, v in enumerate(value))

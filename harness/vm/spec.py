@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from harness.errors import DeviceConfigError
-from harness.options import ACCELS
+from harness.vm.accel import ACCELS
 from harness.vm.devices import IOMMU_KINDS, Device, IntelIommu, NvmeController, RenderContext
 
 

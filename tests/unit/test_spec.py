@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 
 from harness.errors import DeviceConfigError
-from harness.vm.devices import IntelIommu, NvmeController, NvmeNamespace, RenderContext, device_from_table
+from harness.device_tables import device_from_table
+from harness.vm.devices import IntelIommu, NvmeController, NvmeNamespace, RenderContext
 from harness.vm.spec import MachineSpec
 
 CTX = RenderContext(Path("/run/x"), "tcg")
@@ -84,3 +85,19 @@ def test_nvme_setup_creates_sparse_backing_files(tmp_path):
     argv = ctrl.argv(ctx)
     assert f"driver=file,filename={tmp_path}/nvme0n2.img,node-name=nvme0n2-file" in argv
     assert any("nsid=2,logical_block_size=4096" in a for a in argv)
+
+
+def test_vm_layer_imports_no_front_end_or_config_module():
+    """harness/vm knows QEMU, not front ends or config files (see harness/device_tables.py)."""
+    import ast
+
+    vm_dir = Path(__file__).resolve().parents[2] / "harness" / "vm"
+    outside = ("harness.options", "harness.tables", "harness.scenario", "harness.device_tables",
+               "harness.cli", "harness.pytest_plugin", "harness.session", "harness.run")
+    offenders = []
+    for source in sorted(vm_dir.glob("*.py")):
+        for node in ast.walk(ast.parse(source.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            offenders += [f"{source.name}: {n}" for n in names if n.startswith(outside)]
+    assert offenders == []
