@@ -16,18 +16,35 @@ import json
 import os
 import shutil
 from collections.abc import Iterator, Mapping
+from importlib.resources import files
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
 import platformdirs
 
+from harness.errors import ImageError
+
 CACHE_ENV = "DMA_HARNESS_CACHE"
 APP_NAME = "dma-harness"
+RECIPES_PACKAGE = "harness.images.recipes"
 
 
-def recipes_dir() -> Path:
-    """The project's ``images/`` recipe folder (kernel fragment, init, sshd config)."""
-    return Path(__file__).resolve().parent.parent.parent / "images"
+def recipes_dir() -> Traversable:
+    """The project's image recipes (kernel fragment and required options, rootfs
+    package list, init, sshd config): the repository's ``images/`` folder, installed
+    as the package ``harness.images.recipes`` and read through importlib.resources,
+    so a wheel finds them wherever it is installed.
+
+    Raises:
+        ImageError: the package is not installed (an editable install made before
+            the recipes were packaged: run ``pip install -e .`` again).
+    """
+    try:
+        return files(RECIPES_PACKAGE)
+    except ModuleNotFoundError as exc:
+        raise ImageError(f"the image recipes (package {RECIPES_PACKAGE}) are not installed; "
+                         "reinstall the project: pip install -e .") from exc
 
 
 def default_cache_root(explicit: str | os.PathLike[str] | None = None) -> Path:

@@ -24,6 +24,7 @@ import shutil
 import time
 import warnings
 from dataclasses import dataclass
+from importlib.resources import as_file
 from pathlib import Path
 
 from harness.errors import ImageError, KernelConfigError
@@ -208,11 +209,11 @@ def _build(cache: ImageCache, key: str, jobs: int) -> None:
                                       "-C", build], log=log)
     shutil.rmtree(build / "deb")
     src = next(p for p in build.iterdir() if p.is_dir() and p.name.startswith("linux-source"))
-    fragment = recipes_dir() / "kernel.fragment"
     run_step("make defconfig", ["make", "-C", src, "defconfig"], log=log)
     run_step("make kvm_guest.config", ["make", "-C", src, "kvm_guest.config"], log=log)
-    run_step("merge fragment", [src / "scripts" / "kconfig" / "merge_config.sh", "-m", "-O", src,
-                                src / ".config", fragment], log=log)
+    with as_file(recipes_dir() / "kernel.fragment") as fragment:
+        run_step("merge fragment", [src / "scripts" / "kconfig" / "merge_config.sh", "-m", "-O", src,
+                                    src / ".config", fragment], log=log)
     run_step("make olddefconfig", ["make", "-C", src, "olddefconfig"], log=log)
     missing = missing_options(parse_kconfig((src / ".config").read_text()))
     if missing:

@@ -22,6 +22,7 @@ import json
 import shutil
 import time
 from dataclasses import dataclass
+from importlib.resources import files
 from pathlib import Path
 
 from harness.errors import ImageError
@@ -33,7 +34,7 @@ from harness.images.steps import announce, run_step
 SUITE = "bookworm"
 DEBIAN_MIRROR = "http://deb.debian.org/debian"
 RECIPE_VERSION = "rootfs-recipe-2"
-AGENT_DIR = Path(__file__).resolve().parent.parent.parent / "guest_agent"
+AGENT_PACKAGE = "guest_agent"  # copied into the guest as /opt/dma-harness/guest_agent
 KEEP_INITRDS = 4
 EXCLUDES = ["/usr/share/doc/*", "/usr/share/man/*", "/usr/share/info/*", "/usr/share/locale/*",
             "/usr/share/lintian/*", "/usr/share/zoneinfo/right/*"]
@@ -108,10 +109,13 @@ def _build_base(cache: ImageCache, key: str) -> None:
 
 
 def _agent_files() -> dict[str, bytes]:
-    if not (AGENT_DIR / "__main__.py").is_file():
-        raise ImageError(f"guest agent sources not found in {AGENT_DIR}")
-    return {f"opt/dma-harness/guest_agent/{p.name}": p.read_bytes()
-            for p in sorted(AGENT_DIR.glob("*.py"))}
+    """The guest agent's modules (the installed ``guest_agent`` package), by guest path."""
+    agent = files(AGENT_PACKAGE)
+    if not (agent / "__main__.py").is_file():
+        raise ImageError(f"guest agent sources not found in {agent}")
+    sources = sorted((p for p in agent.iterdir() if p.name.endswith(".py") and p.is_file()),
+                     key=lambda p: p.name)
+    return {f"opt/dma-harness/guest_agent/{p.name}": p.read_bytes() for p in sources}
 
 
 def ensure_initrd(cache: ImageCache, key_pair: SSHKey, *, refresh: bool = False) -> Initrd:
