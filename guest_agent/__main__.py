@@ -7,7 +7,7 @@ import os
 import sys
 import time
 
-from guest_agent import nvme, system  # noqa: F401  (registers ops)
+from guest_agent import nvme, system, tracefs  # noqa: F401  (registers ops)
 from guest_agent.protocol import serve
 
 

@@ -1,16 +1,27 @@
-"""Command line: ``python -m harness {run,bench,images,check,doctor}``.
+"""Command line: ``python -m harness {run,check,bench,images,doctor}``.
 
-Exit status: 0 success; 1 the system under test misbehaved (DMA divergence, data
-mismatch, guest panic); 2 bad input or environment (config key, unknown device,
-missing QEMU, kernel lacking an option, guest that never comes up), printed as one
-line naming the offending key or value (plus the console tail for a guest); 130 on
-Ctrl-C. Every VM is torn down before the process exits, whatever happened.
+Exit status:
+
+* 0   the verdict is OK: every checker judged the evidence and found nothing;
+* 1   the system under test misbehaved: a DMA or data divergence, data that did
+      not verify, an I/O error in the guest, a guest panic, QEMU dying;
+* 2   bad input or environment (config key, unknown device, missing QEMU, kernel
+      lacking an option, unreadable trace, a guest that never comes up), printed
+      as one line naming the offending key or value (plus the console tail for a
+      guest);
+* 3   inconclusive: nothing was checked, or evidence a checker depends on was
+      missing or unreadable (the reason is printed);
+* 70  a bug of the harness itself (one line, and the log file with the traceback);
+* 130 interrupted (Ctrl-C).
+
+Every VM is torn down before the process exits, whatever happened.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import statistics
 import sys
@@ -20,14 +31,27 @@ from types import FrameType
 from typing import TYPE_CHECKING
 
 from harness.options import ACCELS, OPTION_HELP
-from harness.errors import GuestPanicked, HarnessError, ImageError, QEMUExited, VMError
+from harness.errors import (
+    AgentError,
+    GuestBootTimeout,
+    GuestPanicked,
+    HarnessError,
+    ImageError,
+    QEMUExited,
+    VMError,
+)
 from harness.workloads import WorkloadFailed
 
 if TYPE_CHECKING:
     from harness.session import Harness
 
+EXIT_OK = 0
 EXIT_DIVERGENCE = 1
 EXIT_USAGE = 2
+EXIT_INCONCLUSIVE = 3
+EXIT_SOFTWARE = 70
+EXIT_INTERRUPTED = 130
+_STATUS_EXIT = {"ok": EXIT_OK, "divergence": EXIT_DIVERGENCE, "inconclusive": EXIT_INCONCLUSIVE}
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -65,9 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = isub.add_parser("show", help="print what is cached where")
     _common(s)
 
-    check = sub.add_parser("check", help="replay a saved QEMU trace log into the DMA checker")
-    check.add_argument("trace", help="trace.log from a run (artifacts folder)")
-    check.add_argument("--json", action="store_true")
+    check = sub.add_parser("check", help="replay a saved run (its artifacts folder) through every checker")
+    check.add_argument("evidence", help="an artifacts folder of a run (trace.log, guest-trace.txt, records.json), "
+                                        "or a bare QEMU trace.log (then the guest-side check is inconclusive)")
+    check.add_argument("--json", action="store_true", help="print the verdict as JSON")
 
     doc = sub.add_parser("doctor", help="check this machine: QEMU, KVM, build tools")
     _common(doc)
@@ -89,16 +114,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     h = _harness(args)
     dest = Path(args.artifacts) / scenario.name
     result = run_scenario(h, scenario, artifacts_dir=dest)
+    verdict = result.verdict
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
     else:
         print(f"scenario {scenario.name}: accel {result.accel}, guest ready in {result.boot_seconds:.2f}s, "
               f"workload {result.workload_seconds:.2f}s ({len(result.records)} agent ops)")
-        print(result.verdict.format())
-        print(result.block_io.format())
+        print(verdict.format())
+        for note in result.finished.notes:
+            print(f"note: {note}")
         if result.artifacts:
             print(f"artifacts: {result.artifacts}")
-    return 0 if result.ok else EXIT_DIVERGENCE
+    if result.finished.artifacts_error:
+        print(f"error: {result.finished.artifacts_error}", file=sys.stderr)
+    return _STATUS_EXIT[verdict.status]
 
 
 def cmd_bench_boot(args: argparse.Namespace) -> int:
@@ -166,13 +195,15 @@ def cmd_images(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from harness.checks.vtd import check_trace_file
-    path = Path(args.trace)
-    if not path.is_file():
-        raise HarnessError(f"trace file {str(path)!r} does not exist")
-    verdict = check_trace_file(path)
+    from harness.finish import check_evidence, evidence_folder_or_trace
+    path = Path(args.evidence)
+    if not path.exists():
+        raise HarnessError(f"{str(path)!r} does not exist")
+    verdict = check_evidence(evidence_folder_or_trace(path))
     print(json.dumps(verdict.to_dict(), indent=2) if args.json else verdict.format())
-    return 0 if verdict.ok else EXIT_DIVERGENCE
+    if verdict.status == "inconclusive" and not args.json:
+        print(f"inconclusive: {'; '.join(verdict.inconclusive_reasons)}", file=sys.stderr)
+    return _STATUS_EXIT[verdict.status]
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
@@ -195,6 +226,16 @@ def _sigterm(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(128 + signum)  # unwinds through every VM context manager
 
 
+def _crash_log(exc: BaseException) -> str:
+    """Write the traceback of an unexpected exception to a log file; return its path."""
+    import tempfile
+    import traceback
+    fd, name = tempfile.mkstemp(prefix="dma-harness-crash-", suffix=".log")
+    with os.fdopen(fd, "w") as fh:
+        fh.write("".join(traceback.format_exception(exc)))
+    return name
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     signal.signal(signal.SIGTERM, _sigterm)
@@ -205,10 +246,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return handlers[args.command](args)
     except KeyboardInterrupt:
         print("interrupted; every VM was shut down", file=sys.stderr)
-        return 130
-    except (GuestPanicked, QEMUExited, WorkloadFailed) as exc:
+        return EXIT_INTERRUPTED
+    except GuestBootTimeout as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_DIVERGENCE if exc.exitcode is not None else EXIT_USAGE
+    except (GuestPanicked, QEMUExited, WorkloadFailed, AgentError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_DIVERGENCE
     except (HarnessError, ImageError, VMError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except OSError as exc:  # a file the user named (trace, folder) could not be read
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as exc:  # noqa: BLE001 - a harness bug: say so, keep the traceback
+        print(f"internal error (a bug of dma-harness): {type(exc).__name__}: {exc}; traceback in "
+              f"{_crash_log(exc)}", file=sys.stderr)
+        return EXIT_SOFTWARE

@@ -101,7 +101,12 @@ class GuestError(VMError):
 
 
 class GuestBootTimeout(GuestError):
-    """The guest agent did not answer in time, or QEMU exited before it did."""
+    """The guest agent did not answer in time, or QEMU exited before it did
+    (then ``exitcode`` is QEMU's status: the system under test died, not the input)."""
+
+    def __init__(self, message: str, *, console_tail: Sequence[str] = (), exitcode: int | None = None):
+        self.exitcode = exitcode
+        super().__init__(message, console_tail=console_tail)
 
 
 class GuestPanicked(GuestError):

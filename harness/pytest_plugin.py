@@ -9,11 +9,17 @@ Fixtures:
                    every VM it made is checked and torn down at teardown
   ``vm``           (function) one running VM for the test's ``dma_machine`` marker (default:
                    q35 + intel-iommu caching-mode + NVMe)
-  ``dma_verdict``  (function) ``dma_verdict(vm)`` stops ``vm`` and returns its DMA verdict
+  ``dma_verdict``  (function) ``dma_verdict(vm)`` ends ``vm``'s run (:func:`harness.finish.finish_vm`:
+                   stop it, collect QEMU's and the guest kernel's events, run every checker)
+                   and returns the :class:`~harness.checks.verdict.Verdict`
 
-At teardown a VM whose trace diverges from the IOTLB model fails the test. On a
-failure (or with ``--dma-keep-artifacts``) a folder per test holds each VM's QEMU
-argv, console log, QMP log, trace, verdict and a config that reproduces the VM.
+At teardown every VM made with ``trace=True`` is finished the same way; a verdict
+that diverged fails the test, and so does an inconclusive one (nothing checked, or
+evidence missing), with the reason, unless the test is marked ``dma_no_check``. On
+a failure (or with ``--dma-keep-artifacts``) a folder per test holds each VM's QEMU
+argv, console log, QMP log, both traces, op records, verdict and a config that
+reproduces the VM and replays the agent ops the test ran (``agent-ops`` workload).
+Each verdict's counts are attached to the JUnit XML as properties.
 Without QEMU the VM fixtures skip with the reason, unless DMA_HARNESS_REQUIRE_VM=1
 (CI), where they fail.
 """
@@ -28,15 +34,15 @@ from typing import Any
 
 import pytest
 
-from harness.checks.verdict import CheckReport as Verdict
-from harness.checks.vtd import check_trace_file
+from harness.checks.verdict import Verdict, counts_dict
+from harness.finish import Finished, finish_vm
 from harness.errors import HarnessError, QEMUNotFound
 from harness.scenario import Scenario
 from harness.options import ACCELS, OPTION_HELP, HarnessOptions
 from harness.session import Harness
 from harness.vm.machine import VM, BootImages
 from harness.vm.spec import MachineSpec, default_machine
-from harness.workloads import NvmePattern
+from harness.workloads import AgentOps
 
 HARNESS_KEY = pytest.StashKey[Harness]()
 REPORTS_KEY = pytest.StashKey[dict[str, pytest.TestReport]]()  # "nodeid::when" -> report
@@ -71,7 +77,8 @@ def _option(config: pytest.Config, name: str) -> Any:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "dma_machine(spec: MachineSpec): the machine the `vm` fixture boots")
-    config.addinivalue_line("markers", "dma_no_check: do not fail the test on DMA divergence at teardown")
+    config.addinivalue_line("markers", "dma_no_check: do not fail the test on a diverging or inconclusive "
+                                       "verdict at teardown")
     config.stash[REPORTS_KEY] = {}
     accel = _option(config, "accel")
     if accel not in (None, "", *ACCELS):
@@ -126,14 +133,23 @@ class _Tracked:
     def __init__(self, vm: VM, trace: bool):
         self.vm = vm
         self.trace = trace
-        self.verdict: Verdict | None = None
+        self.finished: Finished | None = None
 
-    def stop_and_check(self) -> Verdict | None:
-        if self.verdict is None and self.trace:
-            self.vm.shutdown()
-            if self.vm.run_dir is not None:
-                self.verdict = check_trace_file(self.vm.trace_log)
-        return self.verdict
+    def finish(self) -> Verdict | None:
+        """End the VM's run once (see harness.finish); None for a VM without tracing
+        or one that never got a run directory."""
+        if self.finished is None and self.trace and self.vm.run_dir is not None:
+            self.finished = finish_vm(self.vm)
+        return self.finished.verdict if self.finished is not None else None
+
+
+def _config_toml(vm: VM, nodeid: str) -> str:
+    calls = [{"op": c["op"], "args": c["args"]} for c in vm.agent_calls]
+    scen = Scenario(name=vm.name, machine=vm.spec, workload=AgentOps(ops=tuple(calls)),
+                    description=f"VM {vm.name} of test {nodeid}: the workload replays the guest agent ops "
+                                "the test ran; the rest of the test's steps are its code",
+                    boot_timeout=vm.boot_timeout)
+    return scen.to_toml()
 
 
 @pytest.fixture
@@ -158,21 +174,30 @@ def vm_factory(request: pytest.FixtureRequest, dma_harness: Harness) -> Iterator
         yield make
     finally:
         problems = []
+        no_check = request.node.get_closest_marker("dma_no_check") is not None
         for entry in tracked:
             try:
-                verdict = entry.stop_and_check()
-                diverged = verdict is not None and not verdict.ok
-                if diverged or _failed(request.node) or dma_harness.options.keep_artifacts:
+                verdict = None
+                if entry.vm.boot_seconds is not None:  # it booted: its run has evidence to judge
+                    verdict = entry.finish()
+                if verdict is not None:
+                    for r in verdict.reports:
+                        for key, value in counts_dict(r.counts).items():
+                            request.node.user_properties.append((f"{entry.vm.name}.{r.checker}.{key}", value))
+                    request.node.user_properties.append((f"{entry.vm.name}.status", verdict.status))
+                bad = verdict is not None and verdict.status != "ok"
+                if bad or _failed(request.node) or dma_harness.options.keep_artifacts:
                     dest = Path(dma_harness.options.artifacts) / _slug(request.node.nodeid) / entry.vm.name
-                    scen = Scenario(name=entry.vm.name, machine=entry.vm.spec,
-                                    workload=NvmePattern(), boot_timeout=entry.vm.boot_timeout)
-                    extra: dict[str, Any] = {"config.toml": scen.to_toml()}
+                    entry.vm.shutdown()
+                    extra: dict[str, Any] = {"config.toml": _config_toml(entry.vm, request.node.nodeid)}
                     if verdict is not None:
                         extra.update({"verdict.json": verdict.to_dict(), "verdict.txt": verdict.format()})
                     entry.vm.save_artifacts(dest, extra)
-                if diverged and request.node.get_closest_marker("dma_no_check") is None:
+                if bad and not no_check:
                     assert verdict is not None
-                    problems.append(f"{entry.vm.name}: DMA diverged from the IOTLB model\n{verdict.format()}")
+                    what = ("DMA diverged from the models" if verdict.status == "divergence"
+                            else "the DMA verdict is inconclusive")
+                    problems.append(f"{entry.vm.name}: {what}\n{verdict.format()}")
             finally:
                 entry.vm.close()
         if problems:
@@ -190,12 +215,12 @@ def vm(request: pytest.FixtureRequest, vm_factory: Callable[..., VM]) -> VM:
 
 @pytest.fixture
 def dma_verdict(vm_factory: Callable[..., VM]) -> Callable[[VM], Verdict]:
-    """``dma_verdict(vm)``: stop ``vm`` (QMP quit) and return the checker's verdict."""
+    """``dma_verdict(vm)``: end ``vm``'s run and return its verdict (every checker)."""
 
     def get(target: VM) -> Verdict:
         for entry in vm_factory.tracked:  # type: ignore[attr-defined]
             if entry.vm is target:
-                verdict: Verdict | None = entry.stop_and_check()
+                verdict: Verdict | None = entry.finish()
                 if verdict is None:
                     raise pytest.UsageError("this VM was made with trace=False")
                 return verdict

@@ -12,6 +12,7 @@ from harness.images.kernel import KernelImage, ensure_kernel, user_kernel
 from harness.images.rootfs import ensure_initrd
 from harness.images.sshkey import ensure_ssh_key
 from harness.options import HarnessOptions
+from harness.trace.guest import GUEST_TRACE_EVENTS
 from harness.trace.parser import TRACE_EVENTS
 from harness.vm.accel import AccelChoice, resolve_accel
 from harness.vm.machine import VM, BootImages, find_qemu
@@ -54,7 +55,10 @@ class Harness:
         return self._accel[req]
 
     def vm(self, spec: MachineSpec, *, name: str = "vm", boot_timeout: float = 60.0, trace: bool = True) -> VM:
-        """A VM for ``spec`` (not started: use it as a context manager)."""
+        """A VM for ``spec`` (not started: use it as a context manager). With
+        ``trace``, QEMU's trace events and the guest kernel's (from boot) are recorded."""
         images = self.images(spec)
         return VM(spec, images, accel=self.accel(spec.accel).accel, qemu=self.qemu,
-                  trace_events=TRACE_EVENTS if trace else (), boot_timeout=boot_timeout, name=name)
+                  trace_events=TRACE_EVENTS if trace else (),
+                  guest_trace_events=GUEST_TRACE_EVENTS if trace else (),
+                  boot_timeout=boot_timeout, name=name)

@@ -68,11 +68,44 @@ class NvmePattern(Workload):
         return records
 
 
-WORKLOADS: dict[str, type[Workload]] = {cls.kind: cls for cls in (NvmePattern,)}
+@dataclass(frozen=True)
+class AgentOps(Workload):
+    """Replay guest agent ops in order: ``ops`` is a list of ``{"op": name, "args": {...}}``
+    (what a pytest test ran through ``vm.agent``, saved in its failure artifacts).
+    Each op's result is returned as a record ``{"op": name, **result}``."""
+
+    kind: ClassVar[str] = "agent-ops"
+    ops: tuple[dict[str, Any], ...] = ()
+    timeout: float = 300.0
+
+    def __post_init__(self) -> None:
+        for i, entry in enumerate(self.ops):
+            if not isinstance(entry, dict) or not isinstance(entry.get("op"), str) \
+                    or not isinstance(entry.get("args", {}), dict) or set(entry) - {"op", "args"}:
+                raise ConfigError(f"ops[{i}] must be a table with a string 'op' and an 'args' table", key=f"ops[{i}]")
+
+    def run(self, agent: AgentChannel) -> list[dict[str, Any]]:
+        records = []
+        for entry in self.ops:
+            result = agent.call(entry["op"], timeout=self.timeout, **entry.get("args", {}))
+            records.append({"op": entry["op"], **(result if isinstance(result, dict) else {"result": result})})
+        return records
+
+    def to_table(self) -> dict[str, Any]:
+        return {"kind": self.kind, "ops": [dict(e) for e in self.ops], "timeout": self.timeout}
+
+
+WORKLOADS: dict[str, type[Workload]] = {cls.kind: cls for cls in (NvmePattern, AgentOps)}
 
 
 def workload_from_table(table: dict[str, Any]) -> Workload:
     kind = table.get("kind")
     if kind not in WORKLOADS:
         raise ConfigError(f"unknown workload kind {kind!r} (known: {', '.join(WORKLOADS)})", key="workload.kind")
-    return from_table(WORKLOADS[kind], table, "workload")
+    return from_table(WORKLOADS[kind], table, "workload", convert={"ops": _ops})
+
+
+def _ops(value: Any, path: str) -> tuple[dict[str, Any], ...]:
+    if not isinstance(value, list):
+        raise ConfigError(f"{path} must be an array of tables", key=path)
+    return tuple(value)

@@ -33,6 +33,7 @@ __all__ = [
     "CheckReport",
     "Verdict",
     "DivergenceLog",
+    "counts_dict",
 ]
 
 STATUS_OK: Final = "ok"
@@ -132,7 +133,8 @@ class Divergence:
         return "\n".join(out)
 
 
-def _counts_dict(counts: Any) -> dict[str, Any]:
+def counts_dict(counts: Any) -> dict[str, Any]:
+    """A checker's counts (a dataclass or a mapping) as a plain dict."""
     if dataclasses.is_dataclass(counts) and not isinstance(counts, type):
         return dataclasses.asdict(counts)
     return dict(counts)
@@ -183,7 +185,7 @@ class CheckReport:
             "ok": self.ok,
             "conclusive": self.conclusive,
             "inconclusive": list(self.inconclusive),
-            "counts": _counts_dict(self.counts),
+            "counts": counts_dict(self.counts),
             "total_divergences": self.total_divergences,
             "divergences_by_kind": dict(self.divergences_by_kind),
             "warnings": list(self.warnings),
@@ -196,7 +198,7 @@ class CheckReport:
         head = {STATUS_OK: "OK", STATUS_INCONCLUSIVE: "INCONCLUSIVE"}.get(
             self.status, f"FAILED ({n} divergence{'' if n == 1 else 's'})")
         out = [f"{self.title or self.checker}: {head}", "  counts:"]
-        counts = _counts_dict(self.counts)
+        counts = counts_dict(self.counts)
         width = max((len(k) for k in counts), default=8)
         out.extend(f"    {k:<{width}}  {v:>12}" for k, v in counts.items())
         if self.divergences_by_kind:
@@ -343,7 +345,7 @@ class DivergenceLog:
         d = Divergence(
             kind=kind,
             message=message,
-            line=TraceLine.of(event, self.source),
+            line=event if isinstance(event, TraceLine) else TraceLine.of(event, self.source),
             before=[TraceLine.of(e, self.source) for e in self._ring] if self.context > 0 else [],
             related=[(role, ln if isinstance(ln, TraceLine) else TraceLine.of(ln, self.source))
                      for role, ln in related],

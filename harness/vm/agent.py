@@ -27,13 +27,18 @@ class SocketAgent:
     """
 
     CHANNEL_GRACE = 3.0
+    UNLOGGED = frozenset({"ping", "sysinfo", "tracefs.collect", "tracefs.status", "tracefs.mark"})
+    """Ops left out of :attr:`calls` (liveness and the harness's own evidence collection)."""
 
     def __init__(self, sock: socket.socket, check: Callable[[float], None]):
         self._sock = sock
         self._check = check
-        self._buf = b""
+        self._buf = bytearray()
         self._next_id = 1
         self.hello: dict[str, Any] | None = None
+        self.calls: list[dict[str, Any]] = []
+        """Every op the guest ran successfully, in order (except :attr:`UNLOGGED`):
+        ``{"op": name, "args": {...}, "result": ...}``: the run's op records."""
 
     def _read_message(self, deadline: float, what: str) -> dict[str, Any]:
         while b"\n" not in self._buf:
@@ -52,7 +57,9 @@ class SocketAgent:
                     self._check(self.CHANNEL_GRACE)
                     raise AgentError(f"guest agent channel closed while waiting for {what}")
                 self._buf += chunk
-        line, _, self._buf = self._buf.partition(b"\n")
+        end = self._buf.index(b"\n")
+        line = bytes(self._buf[:end])
+        del self._buf[:end + 1]
         try:
             msg: dict[str, Any] = json.loads(line)
         except ValueError as exc:
@@ -92,7 +99,10 @@ class SocketAgent:
             raise AgentError(f"guest agent op {op!r} failed: {err.get('type')}: {err.get('message')}"
                              + (f" (errno {err['errno']})" if err.get("errno") else ""),
                              request=request, reply=reply)
-        return reply.get("result")
+        result = reply.get("result")
+        if op not in self.UNLOGGED:
+            self.calls.append({"op": op, "args": args, "result": result})
+        return result
 
     def close(self) -> None:
         self._sock.close()

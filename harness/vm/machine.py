@@ -45,7 +45,8 @@ from harness.vm.spec import MachineSpec
 
 AGENT_PORT_NAME = "org.dmaharness.agent.0"
 RUN_PREFIX = "dma-harness-"
-ARTIFACT_FILES = ("argv.json", "console.log", "qmp.log", "trace.log", "qemu.log", "spec.json")
+ARTIFACT_FILES = ("argv.json", "console.log", "qmp.log", "trace.log", "qemu.log", "spec.json", "guest-trace.txt",
+                  "guest-trace.json", "records.json")
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,9 @@ class VM:
         accel: the accelerator already resolved (``tcg`` or ``kvm``; see harness.vm.accel).
         qemu: QEMU binary path.
         trace_events: QEMU trace event names/patterns to log into ``trace.log``.
+        guest_trace_events: guest kernel trace events (``system:event``) enabled from
+            boot on the kernel command line (``trace_event=``), with a ring buffer of
+            ``guest_trace_buffer_kb`` KiB per CPU; the guest agent collects them.
         boot_timeout: seconds for the guest agent to answer after QEMU starts.
         kill_timeout: seconds between QMP ``quit`` and SIGKILL.
         name: a label for logs.
@@ -118,7 +122,8 @@ class VM:
     """
 
     def __init__(self, spec: MachineSpec, images: BootImages, *, accel: str, qemu: str | None = None,
-                 trace_events: Sequence[str] = (), boot_timeout: float = 60.0, kill_timeout: float = 10.0,
+                 trace_events: Sequence[str] = (), guest_trace_events: Sequence[str] = (),
+                 guest_trace_buffer_kb: int = 32768, boot_timeout: float = 60.0, kill_timeout: float = 10.0,
                  name: str = "vm"):
         if accel not in ("tcg", "kvm"):
             raise ValueError(f"accel must be resolved to 'tcg' or 'kvm', not {accel!r}")
@@ -127,6 +132,8 @@ class VM:
         self.accel = accel
         self.qemu = find_qemu(qemu)
         self.trace_events = list(trace_events)
+        self.guest_trace_events = list(guest_trace_events)
+        self.guest_trace_buffer_kb = guest_trace_buffer_kb
         self.boot_timeout = boot_timeout
         self.kill_timeout = kill_timeout
         self.name = name
@@ -138,6 +145,7 @@ class VM:
         self._proc: subprocess.Popen[bytes] | None = None
         self._qmp: QMPMonitor | None = None
         self._agent: SocketAgent | None = None
+        self._calls: list[dict[str, Any]] = []
         self._console: Console | None = None
         self._ssh: paramiko.SSHClient | None = None
         self._started = 0.0
@@ -185,7 +193,7 @@ class VM:
                 "-no-reboot", "-msg", "timestamp=off"]
         argv += self.spec.machine_argv(ctx)
         argv += ["-kernel", str(self.images.kernel), "-initrd", str(self.images.initrd),
-                 "-append", self.spec.kernel_cmdline()]
+                 "-append", self.kernel_cmdline()]
         argv += ["-chardev", f"socket,id=qmp0,path={self.path('qmp.sock')},server=on,wait=off",
                  "-mon", "chardev=qmp0,mode=control"]
         argv += ["-chardev", f"socket,id=con0,path={self.path('console.sock')},server=on,wait=off,"
@@ -200,6 +208,14 @@ class VM:
         if self.trace_events:
             argv += ["-trace", f"events={self.path('trace-events')}", "-D", str(self.path("trace.log"))]
         return argv
+
+    def kernel_cmdline(self) -> str:
+        """The spec's command line plus the guest tracing the harness asks for."""
+        cmdline = self.spec.kernel_cmdline()
+        if self.guest_trace_events:
+            cmdline += (f" trace_event={','.join(self.guest_trace_events)}"
+                        f" trace_buf_size={self.guest_trace_buffer_kb}K")
+        return cmdline
 
     def launch(self, attempts: int = 3) -> None:
         """Start QEMU and connect QMP and the agent channel (does not wait for the guest)."""
@@ -299,7 +315,7 @@ class VM:
                                    f"(accel {self.accel})", console_tail=self.console_tail(25)) from None
         except QEMUExited as exc:
             raise GuestBootTimeout(f"{exc.args[0]} before the guest agent answered",
-                                   console_tail=exc.console_tail) from None
+                                   console_tail=exc.console_tail, exitcode=exc.exitcode) from None
         self.boot_seconds = time.monotonic() - self._started
         return self.boot_seconds
 
@@ -309,6 +325,11 @@ class VM:
         if self._agent is None:
             raise VMError("the guest agent channel is not connected")
         return self._agent
+
+    @property
+    def agent_calls(self) -> list[dict[str, Any]]:
+        """The ops the guest agent ran for this VM (see SocketAgent.calls), also after shutdown."""
+        return self._agent.calls if self._agent is not None else self._calls
 
     @property
     def qmp(self) -> QMPMonitor:
@@ -337,6 +358,8 @@ class VM:
     def shutdown(self) -> None:
         """Stop QEMU: QMP quit, then SIGKILL of its process group after kill_timeout.
         Idempotent; the run directory (logs, trace) stays until :meth:`close`."""
+        if self._agent is not None:
+            self._calls = self._agent.calls
         for closer in (self._ssh, self._console, self._agent):
             if closer is not None:
                 with contextlib.suppress(Exception):

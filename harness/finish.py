@@ -1,0 +1,218 @@
+"""The one way a run ends: stop the VM, collect both event streams, run every
+checker that applies, save the evidence and return the verdict.
+
+The command line (``run``), the pytest plugin (fixture teardown and
+``dma_verdict``) and the replay of a saved run (``check FOLDER``) all go
+through here, so a test and a command judge the same evidence the same way.
+
+What a run leaves (its *evidence*, in the VM's run directory and then in the
+artifacts folder):
+
+=====================  ======================================================
+``trace.log``          QEMU's trace (what the device and the vIOMMU did)
+``guest-trace.txt``    the guest kernel's trace (what the guest mapped,
+                       invalidated, submitted; the agent's I/O markers)
+``guest-trace.json``   how the guest trace was collected: lost events, size
+``records.json``       the guest agent's op records (op, args, result)
+``verdict.json/.txt``  the verdict
+``config.toml``        a scenario that reproduces the VM (and its workload)
+=====================  ======================================================
+
+Checkers: ``vtd-consistency`` (:mod:`harness.checks.vtd`, QEMU against
+itself), ``guest-intent`` (:mod:`harness.checks.guest_intent`, QEMU's
+translations against the guest kernel's mappings) and, when the records hold
+O_DIRECT I/O, ``block-data`` (:mod:`harness.checks.block_data`, the data
+against the agent's buffer pages).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from harness.checks.block_data import BlockDataChecker, ios_from_records
+from harness.checks.guest_intent import GuestIntentChecker
+from harness.checks.sync import SyncPairs, host_sync_key
+from harness.checks.verdict import Verdict
+from harness.checks.vtd import VtdChecker
+from harness.errors import AgentError, ConfigError, VMError
+from harness.trace.events import Event
+from harness.trace.guest import GUEST_TRACE_EVENTS, GuestEvent, parse_guest_file
+from harness.trace.parser import parse_file
+from harness.vm.machine import VM
+
+__all__ = ["GUEST_TRACE_EVENTS", "RunEvidence", "Finished", "check_evidence", "collect_guest_trace", "finish_vm"]
+
+HOST_TRACE = "trace.log"
+GUEST_TRACE = "guest-trace.txt"
+GUEST_TRACE_INFO = "guest-trace.json"
+RECORDS = "records.json"
+
+
+@dataclass
+class RunEvidence:
+    """Paths and records of one run; see the module docstring.
+
+    ``guest_trace`` None means the guest's stream is missing (then the
+    guest-intent check is inconclusive).  ``guest_lost``: events the guest's
+    ring buffer dropped.  ``nvme_controllers``: how many NVMe controllers the
+    machine had (NVMe sync pairs are used only with one).
+    """
+
+    host_trace: Path
+    guest_trace: Path | None = None
+    guest_lost: int = 0
+    records: list[dict[str, Any]] = field(default_factory=list)
+    nvme_controllers: int = 1
+
+    @classmethod
+    def from_folder(cls, folder: Path) -> RunEvidence:
+        """The evidence saved in an artifacts folder (or a run directory).
+
+        Raises ConfigError naming the file when the folder lacks the host trace
+        or holds a file that is not what it should be.
+        """
+        host = folder / HOST_TRACE
+        if not host.is_file():
+            raise ConfigError(f"{folder} holds no {HOST_TRACE} (not an artifacts folder of a run)")
+        guest = folder / GUEST_TRACE
+        info = _read_json(folder / GUEST_TRACE_INFO, {})
+        records = _read_json(folder / RECORDS, [])
+        spec = _read_json(folder / "spec.json", {})
+        if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+            raise ConfigError(f"{folder / RECORDS}: not a list of op records")
+        devices = spec.get("devices", []) if isinstance(spec, dict) else []
+        nvme = sum(1 for d in devices if isinstance(d, dict) and d.get("kind") == "nvme") or 1
+        return cls(host, guest if guest.is_file() else None, int(info.get("lost", 0)) if isinstance(info, dict) else 0,
+                   records, nvme)
+
+
+def _read_json(path: Path, default: Any) -> Any:
+    if not path.exists():
+        return default
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ConfigError(f"{path}: cannot read it as JSON: {exc}") from None
+
+
+def op_records(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Agent calls (``{"op", "args", "result"}``) as the checkers' op records:
+    ``{"op": name, **result}`` for dict results."""
+    out = []
+    for call in calls:
+        result = call.get("result")
+        if isinstance(result, dict):
+            out.append({"op": call["op"], **result})
+    return out
+
+
+def check_evidence(ev: RunEvidence) -> Verdict:
+    """Run every applicable checker over the evidence (two passes over QEMU's trace).
+
+    Raises OSError (from the trace parsers) when a trace file cannot be read.
+    """
+    guest: list[GuestEvent] = list(parse_guest_file(ev.guest_trace)) if ev.guest_trace is not None else []
+    nvme = ev.nvme_controllers <= 1
+
+    def host() -> Iterator[Event]:
+        return parse_file(ev.host_trace)
+
+    sync = SyncPairs.build(guest, ((e.lineno, k) for e in host() if (k := host_sync_key(e, nvme=nvme))),
+                           nvme=nvme)
+    vtd = VtdChecker()
+    intent = GuestIntentChecker(guest, sync, lost=ev.guest_lost)
+    if ev.guest_trace is None:
+        intent.counts.guest_events = 0
+    records = op_records(ev.records) if ev.records and "result" in ev.records[0] else ev.records
+    ios = ios_from_records(records)
+    data = BlockDataChecker(ios, guest, sync) if ios else None
+    for event in host():
+        vtd.feed(event)
+        intent.feed(event)
+        if data is not None:
+            data.feed(event)
+    reports = [vtd.finish(), intent.finish()]
+    if data is not None:
+        reports.append(data.finish())
+    return Verdict(reports=reports)
+
+
+def collect_guest_trace(vm: VM) -> tuple[Path | None, str | None]:
+    """Ask the guest agent for the guest kernel's trace and save it in the run
+    directory (``guest-trace.txt`` and ``guest-trace.json``).
+
+    Returns the trace path (None when it could not be collected) and why not.
+    """
+    try:
+        got = vm.agent.call("tracefs.collect", timeout=120)
+    except (AgentError, VMError, TimeoutError, OSError) as exc:
+        return None, f"the guest trace could not be collected: {exc}"
+    path = vm.path(GUEST_TRACE)
+    path.write_text(got.get("text", ""), encoding="utf-8")
+    info = {k: v for k, v in got.items() if k != "text"}
+    vm.path(GUEST_TRACE_INFO).write_text(json.dumps(info, indent=2))
+    return path, None
+
+
+@dataclass
+class Finished:
+    """What :func:`finish_vm` returns: the verdict, where the artifacts went
+    (None if not saved) and an error saving them (the verdict is still valid)."""
+
+    verdict: Verdict
+    artifacts: Path | None = None
+    artifacts_error: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def finish_vm(vm: VM, *, failures: list[str] | None = None, artifacts: Path | None = None,
+              keep: bool = False, extra: dict[str, Any] | None = None) -> Finished:
+    """Stop ``vm``, collect both streams, check them and save the evidence.
+
+    ``failures``: failures of the system under test already seen (e.g. data
+    that did not verify). ``artifacts``: the folder to save to, when the run
+    did not pass or ``keep`` is set. ``extra``: more files for the artifacts
+    (name -> text or JSON-able). The verdict is written into the run directory
+    before anything is copied, so a failing copy loses nothing but the copy.
+    """
+    notes: list[str] = []
+    guest_path: Path | None = None
+    if vm.guest_trace_events and vm.run_dir is not None:
+        with contextlib.suppress(VMError):
+            vm.check_alive()
+        guest_path, why = collect_guest_trace(vm)
+        if why:
+            notes.append(why)
+    calls = list(vm.agent_calls)
+    vm.shutdown()
+    if vm.run_dir is None:
+        raise VMError(f"{vm.name}: the VM was closed before its evidence was checked")
+    vm.path(RECORDS).write_text(json.dumps(calls, indent=1, default=str))
+    info = _read_json(vm.path(GUEST_TRACE_INFO), {}) if guest_path is not None else {}
+    ev = RunEvidence(vm.trace_log, guest_path, int(info.get("lost", 0)), calls,
+                     sum(1 for d in vm.spec.devices if d.kind == "nvme") or 1)
+    verdict = check_evidence(ev)
+    verdict.failures.extend(failures or [])
+    vm.path("verdict.json").write_text(json.dumps(verdict.to_dict(), indent=2))
+    result = Finished(verdict, notes=notes)
+    if artifacts is not None and (keep or not verdict.ok):
+        files: dict[str, Any] = {"verdict.json": verdict.to_dict(), "verdict.txt": verdict.format(), **(extra or {})}
+        try:
+            result.artifacts = vm.save_artifacts(artifacts, files)
+        except OSError as exc:
+            result.artifacts_error = f"cannot save artifacts to {artifacts}: {exc.strerror or exc}"
+    return result
+
+
+def evidence_folder_or_trace(path: Path) -> RunEvidence:
+    """``check``'s input: an artifacts folder, or a bare QEMU trace file (then
+    the guest stream is missing and the guest-intent check inconclusive)."""
+    if path.is_dir():
+        return RunEvidence.from_folder(path)
+    return RunEvidence(path)
+
