@@ -173,7 +173,7 @@ def cmd_bench_iotlb(args: argparse.Namespace) -> int:
 
 
 def cmd_images(args: argparse.Namespace) -> int:
-    from harness.images.cache import ImageCache
+    from harness.images.cache import ImageCache, recipes_dir
     from harness.images.kernel import ensure_kernel, recipe_key
     from harness.images.rootfs import base_key, ensure_initrd
     from harness.images.sshkey import ensure_ssh_key
@@ -186,11 +186,14 @@ def cmd_images(args: argparse.Namespace) -> int:
         print(f"initrd:  {initrd.path}")
         print(f"ssh key: {key.private}")
         return 0
+    # show only looks: nothing is built, locked or created here.
     print(f"cache root: {cache.root}")
+    print(f"recipes:    {recipes_dir()}")
     for kind, entry_key in (("kernel", recipe_key()), ("rootfs", base_key())):
         state = "built" if cache.complete(kind, entry_key) else "not built"
         print(f"  {kind:7s} {cache.entry(kind, entry_key)}  [{state}]")
-    print(f"  ssh key {cache.path('ssh', 'id_ed25519')}")
+    ssh_key = cache.path("ssh", "id_ed25519")
+    print(f"  ssh key {ssh_key}  [{'present' if ssh_key.is_file() else 'not generated'}]")
     return 0
 
 
@@ -209,7 +212,9 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_doctor(args: argparse.Namespace) -> int:
     import os
     import shutil
+    from harness.images.kernel import cached_kernel, recipe_key
     from harness.vm.machine import find_qemu
+    from harness.vm.spec import MachineSpec
     qemu = find_qemu(args.qemu)
     print(f"qemu: {qemu}")
     print(f"/dev/kvm: {'accessible' if os.access('/dev/kvm', os.R_OK | os.W_OK) else 'not accessible'}")
@@ -217,8 +222,20 @@ def cmd_doctor(args: argparse.Namespace) -> int:
                if shutil.which(t) is None]
     print("build tools: " + ("all present" if not missing else "missing " + ", ".join(missing)))
     h = _harness(args)
-    choice = h.accel(args.accel or "auto")
-    print(f"accelerator: {choice.accel} ({choice.reason})")
+    requested = args.accel or h.options.accel
+    # Never build here: the KVM probe boots the kernel, so it runs only if one is at hand.
+    if h.options.kernel or cached_kernel(h.cache) is not None:
+        kernel = h.kernel(MachineSpec())  # a user's kernel: checked for what the harness itself needs
+        print(f"kernel: {kernel.bzimage} ({kernel.origin})")
+        choice = h.accel(requested)
+        print(f"accelerator: {choice.accel} ({choice.reason})")
+    else:
+        print(f"kernel: not built yet ({h.cache.entry('kernel', recipe_key())}); "
+              "build it with: python -m harness images build")
+        if requested == "auto":
+            print("accelerator: not probed (auto needs the kernel: the KVM probe boots it)")
+        else:
+            print(f"accelerator: {requested} (requested)")
     return 0 if not missing else EXIT_USAGE
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from harness.images.cache import ImageCache
-from harness.images.kernel import KernelImage, ensure_kernel, user_kernel
+from harness.images.kernel import KernelImage, check_kernel, ensure_kernel, read_user_kernel, user_kernel
 from harness.images.rootfs import ensure_initrd
 from harness.images.sshkey import ensure_ssh_key
 from harness.options import HarnessOptions
@@ -28,21 +28,35 @@ class Harness:
         self._images: BootImages | None = None
         self._accel: dict[str, AccelChoice] = {}
 
-    def kernel(self) -> KernelImage:
+    def kernel(self, spec: MachineSpec | None = None) -> KernelImage:
+        """The session's kernel: the user's (``--kernel``), or the project's, built first
+        if it is not cached. Given ``spec``, a user's kernel is refused if it lacks an
+        option that machine needs (its devices' and the harness's own).
+
+        Raises:
+            KernelConfigError: names each missing option and what needs it.
+        """
         if self._kernel is None:
-            self._kernel = user_kernel(self.options.kernel) if self.options.kernel else ensure_kernel(self.cache)
+            self._kernel = read_user_kernel(self.options.kernel) if self.options.kernel else ensure_kernel(self.cache)
+        if spec is not None and self.options.kernel:
+            check_kernel(self._kernel, spec.kernel_needs())
         return self._kernel
 
     def images(self, spec: MachineSpec | None = None) -> BootImages:
-        """Boot images for ``spec`` (its own kernel/initrd if it names them)."""
+        """Boot images for ``spec`` (its own kernel/initrd if it names them). A user's
+        kernel is checked first against what ``spec`` needs (without a spec: what the
+        harness itself needs)."""
+        if spec is not None and spec.kernel:
+            kernel = user_kernel(spec.kernel, spec.kernel_needs())
+        else:
+            kernel = self.kernel(spec or MachineSpec())
         if self._images is None:
             key = ensure_ssh_key(self.cache)
             initrd = ensure_initrd(self.cache, key)
             self._images = BootImages(self.kernel().bzimage, initrd.path, key.private, initrd.host_key)
         images = self._images
         if spec is not None and (spec.kernel or spec.initrd):
-            kernel = user_kernel(spec.kernel).bzimage if spec.kernel else images.kernel
-            images = BootImages(kernel, Path(spec.initrd) if spec.initrd else images.initrd,
+            images = BootImages(kernel.bzimage, Path(spec.initrd) if spec.initrd else images.initrd,
                                 images.ssh_key, images.host_key)
         return images
 

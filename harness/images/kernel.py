@@ -9,6 +9,11 @@ rebuild against a newer package is asked for with ``refresh=True``.
 Raises :class:`~harness.errors.KernelConfigError` naming every required option that
 did not survive ``olddefconfig``; other failed steps raise
 :class:`~harness.errors.ImageError` naming their log file.
+
+images/kernel.required lists every option the project's kernel must have (for every
+device the harness knows). A user's own kernel is checked only against what its
+machine needs (:meth:`harness.vm.spec.MachineSpec.kernel_needs`: each device's
+options plus the harness's own), with :func:`check_kernel`.
 """
 
 from __future__ import annotations
@@ -23,7 +28,8 @@ import os
 import shutil
 import time
 import warnings
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from importlib.resources import as_file
 from pathlib import Path
 
@@ -43,13 +49,18 @@ class KernelConfigWarning(UserWarning):
 
 @dataclass(frozen=True)
 class KernelImage:
-    """A bootable x86 kernel: ``bzimage`` path and, if known, its ``.config`` path."""
+    """A bootable x86 kernel: ``bzimage`` path and, if known, its ``.config`` path.
+    ``kconfig`` holds the parsed configuration when it was read (a user's kernel,
+    possibly from its embedded IKCONFIG)."""
 
     bzimage: Path
     config: Path | None
     origin: str  # "built <key> (<package version>)" or "user"
+    kconfig: dict[str, str] | None = field(default=None, compare=False, repr=False)
 
     def options(self) -> dict[str, str] | None:
+        if self.kconfig is not None:
+            return self.kconfig
         if self.config is None:
             return None
         return parse_kconfig(self.config.read_text(errors="replace"))
@@ -74,9 +85,9 @@ def parse_kconfig(text: str) -> dict[str, str]:
     return out
 
 
-def missing_options(options: dict[str, str], required: list[str] | None = None) -> list[str]:
-    """Required option names whose value is not ``y``."""
-    return [name for name in (required or required_options()) if options.get(name) != "y"]
+def missing_options(options: Mapping[str, str], required: Sequence[str] | None = None) -> list[str]:
+    """Required option names (default: images/kernel.required) whose value is not ``y``."""
+    return [name for name in (required_options() if required is None else required) if options.get(name) != "y"]
 
 
 def recipe_key() -> str:
@@ -98,19 +109,50 @@ def ensure_kernel(cache: ImageCache, *, refresh: bool = False, jobs: int | None 
             shutil.rmtree(cache.entry("kernel", key))
         if not cache.complete("kernel", key):
             _build(cache, key, jobs or os.cpu_count() or 1)
+    kernel = cached_kernel(cache)
+    assert kernel is not None
+    return kernel
+
+
+def cached_kernel(cache: ImageCache) -> KernelImage | None:
+    """The project's kernel if it is built and cached, else None; never builds."""
+    key = recipe_key()
+    if not cache.complete("kernel", key):
+        return None
     entry = cache.entry("kernel", key)
     manifest = cache.manifest("kernel", key)
     return KernelImage(entry / "bzImage", entry / "config", f"built {key} ({KERNEL_PACKAGE} {manifest['version']})")
 
 
-def user_kernel(path: str | os.PathLike[str]) -> KernelImage:
-    """A kernel the user brought. Its config is read from ``<bzImage>.config``, a
-    ``config`` file beside it, or the embedded IKCONFIG; required options that
-    cannot be confirmed give a :class:`KernelConfigWarning`.
+KernelNeeds = Mapping[str, Sequence[str]]
+"""Kernel options (without ``CONFIG_``) that must be ``=y``, each with what needs it."""
+
+
+def project_needs() -> dict[str, list[str]]:
+    """Every option of images/kernel.required, needed by "the project's kernel"."""
+    return {name: ["images/kernel.required"] for name in required_options()}
+
+
+def user_kernel(path: str | os.PathLike[str], needs: KernelNeeds | None = None) -> KernelImage:
+    """A kernel the user brought, checked against ``needs`` (option -> what needs it;
+    default: every option of images/kernel.required). See :func:`read_user_kernel`
+    and :func:`check_kernel`.
 
     Raises:
-        ConfigError-like :class:`KernelConfigError`: the config is readable and a
-            required option is missing.
+        KernelConfigError: the config is readable and a needed option is missing.
+        ImageError: the file does not exist.
+    """
+    kernel = read_user_kernel(path)
+    check_kernel(kernel, project_needs() if needs is None else needs)
+    return kernel
+
+
+def read_user_kernel(path: str | os.PathLike[str]) -> KernelImage:
+    """A kernel the user brought, with its configuration read from ``<bzImage>.config``,
+    a ``config`` or ``.config`` file beside it, or the embedded IKCONFIG (``kconfig``
+    is None when none of them is readable). Nothing is checked here.
+
+    Raises:
         ImageError: the file does not exist.
     """
     bz = Path(path).expanduser().resolve()
@@ -122,18 +164,35 @@ def user_kernel(path: str | os.PathLike[str]) -> KernelImage:
             config_path = cand
             break
     text = config_path.read_text(errors="replace") if config_path else extract_ikconfig(bz)
-    if text is None:
+    return KernelImage(bz, config_path, "user", parse_kconfig(text) if text is not None else None)
+
+
+def check_kernel(kernel: KernelImage, needs: KernelNeeds) -> None:
+    """Check that ``kernel`` has every option of ``needs`` built in (``=y``).
+
+    A kernel whose configuration cannot be read gives a :class:`KernelConfigWarning`
+    naming the options it could not confirm, and passes.
+
+    Raises:
+        KernelConfigError: an option is missing; the message names each missing
+            option and what needs it (a device kind, "the harness").
+    """
+    wanted = sorted(needs)
+    options = kernel.options()
+    if options is None:
         warnings.warn(
-            f"cannot read the configuration of {bz}: required options not confirmed: "
-            + ", ".join("CONFIG_" + o for o in required_options()),
-            KernelConfigWarning, stacklevel=2)
-        return KernelImage(bz, None, "user")
-    missing = missing_options(parse_kconfig(text))
+            f"cannot read the configuration of {kernel.bzimage}: required options not confirmed: "
+            + _describe(wanted, needs), KernelConfigWarning, stacklevel=2)
+        return
+    missing = missing_options(options, wanted)
     if missing:
-        raise KernelConfigError(
-            f"kernel {bz} lacks required options: " + ", ".join("CONFIG_" + m for m in missing),
-            missing=missing)
-    return KernelImage(bz, config_path, "user")
+        raise KernelConfigError(f"kernel {kernel.bzimage} lacks options: {_describe(missing, needs)}",
+                                missing=missing)
+
+
+def _describe(names: Sequence[str], needs: KernelNeeds) -> str:
+    """``CONFIG_A (needed by x), CONFIG_B (needed by y, z)``."""
+    return ", ".join(f"CONFIG_{n} (needed by {', '.join(needs[n])})" for n in names)
 
 
 def extract_ikconfig(bzimage: Path) -> str | None:

@@ -1,6 +1,7 @@
 """Devices composed in code. Each device is a frozen dataclass validated at
 construction and rendered to QEMU argv by :meth:`Device.argv`; the kernel command
-line arguments a device needs come from :meth:`Device.kernel_args`.
+line arguments a device needs come from :meth:`Device.kernel_args`, the kernel
+options its driver needs from :meth:`Device.kernel_options`.
 
 ``DEVICE_KINDS`` maps the name a device has in config files to its class; reading
 devices from config files (TOML tables) is not this layer's business: it lives in
@@ -37,6 +38,11 @@ class Device:
 
     def kernel_args(self) -> list[str]:
         return []
+
+    def kernel_options(self) -> tuple[str, ...]:
+        """Kernel options (without ``CONFIG_``, built in: ``=y``) the guest needs to drive
+        this device as configured; a user's kernel lacking one is refused."""
+        return ()
 
     def setup(self, ctx: RenderContext) -> None:
         """Create host-side files the device needs (e.g. backing images) in the run dir."""
@@ -85,6 +91,9 @@ class IntelIommu(Device):
 
     def kernel_args(self) -> list[str]:
         return ["intel_iommu=on", f"iommu.strict={int(self.strict)}"]
+
+    def kernel_options(self) -> tuple[str, ...]:
+        return ("INTEL_IOMMU", "IRQ_REMAP") if self.intremap else ("INTEL_IOMMU",)
 
 
 _SERIAL_RE = re.compile(r"^[A-Za-z0-9_-]{1,20}$")
@@ -141,6 +150,9 @@ class NvmeController(Device):
             raise DeviceConfigError(f"nvme: duplicate namespace ids {nsids}", key="namespaces")
         if self.addr is not None and not 1 <= self.addr <= 31:
             raise DeviceConfigError(f"nvme: addr must be a PCI slot 1..31, not {self.addr!r}", key="addr")
+
+    def kernel_options(self) -> tuple[str, ...]:
+        return ("BLK_DEV_NVME",)
 
     def image(self, ctx: RenderContext, index: int) -> Path:
         return ctx.run_dir / f"{self.id}n{index + 1}.img"

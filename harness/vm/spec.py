@@ -11,6 +11,15 @@ from harness.errors import DeviceConfigError
 from harness.vm.accel import ACCELS
 from harness.vm.devices import IOMMU_KINDS, Device, IntelIommu, NvmeController, RenderContext
 
+HARNESS = "the harness"
+HARNESS_KERNEL_OPTIONS: tuple[str, ...] = (
+    "VIRTIO_PCI", "VIRTIO_CONSOLE",          # the guest agent's virtio-serial port
+    "DEVTMPFS", "BLK_DEV_INITRD",            # the initramfs root filesystem and its /dev
+    "PVPANIC", "PVPANIC_MMIO",               # -device pvpanic (ACPI QEMU0001): a panic reaches QMP
+    "FTRACE", "TRACING", "EVENT_TRACING",    # tracefs events: the guest kernel's record of its DMA maps
+)
+"""Kernel options every guest needs, whatever its devices: what the VM adds beside
+them (agent channel, pvpanic, initramfs) and the guest-side tracing."""
 
 
 @dataclass(frozen=True)
@@ -63,6 +72,17 @@ class MachineSpec:
     @property
     def iommu(self) -> Device | None:
         return next((d for d in self.devices if isinstance(d, IOMMU_KINDS)), None)
+
+    def kernel_needs(self) -> dict[str, list[str]]:
+        """The kernel options this machine's guest needs (``=y``), each with what
+        needs it: ``{"INTEL_IOMMU": ["intel-iommu"], "VIRTIO_CONSOLE": ["the harness"]}``."""
+        needs: dict[str, list[str]] = {name: [HARNESS] for name in HARNESS_KERNEL_OPTIONS}
+        for d in self.devices:
+            for name in d.kernel_options():
+                users = needs.setdefault(name, [])
+                if d.kind not in users:
+                    users.append(d.kind)
+        return needs
 
     def cpu_model(self, accel: str) -> str:
         return self.cpu or ("host" if accel == "kvm" else "max")

@@ -3,15 +3,25 @@
 import io
 import os
 import shutil
+import dataclasses
 import subprocess
+import sys
 import tarfile
+from pathlib import Path
 
 import pytest
 
 from harness.errors import KernelConfigError
 from harness.images.cache import ImageCache, content_key
 from harness.images.cpio import NewcWriter, tar_to_newc
-from harness.images.kernel import missing_options, parse_kconfig, required_options, user_kernel
+from harness.images.kernel import (cached_kernel, check_kernel, missing_options, parse_kconfig,
+                                   read_user_kernel, recipe_key, required_options, user_kernel)
+from harness.options import HarnessOptions
+from harness.session import Harness
+from harness.vm.devices import DEVICE_KINDS, IntelIommu, NvmeController
+from harness.vm.spec import HARNESS_KERNEL_OPTIONS, MachineSpec
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_newc_archive_lists_with_cpio(tmp_path):
@@ -72,6 +82,86 @@ def test_user_kernel_lacking_an_option_is_refused(tmp_path):
     with pytest.raises(KernelConfigError) as info:
         user_kernel(bz)
     assert info.value.missing == ["IOMMUFD"] and "CONFIG_IOMMUFD" in str(info.value)
+
+
+def _user_kernel_lacking(tmp_path: Path, *lacking: str) -> Path:
+    """A stand-in bzImage whose config has every option anything may ask for but ``lacking``."""
+    bz = tmp_path / "bzImage"
+    bz.write_bytes(b"not really a kernel")
+    every = set(required_options()) | set(HARNESS_KERNEL_OPTIONS)
+    (tmp_path / "config").write_text("".join(f"CONFIG_{o}=y\n" for o in sorted(every - set(lacking))))
+    return bz
+
+
+def test_user_kernel_is_checked_only_for_what_its_machine_needs(tmp_path):
+    nvme_machine = MachineSpec(devices=(IntelIommu(caching_mode=True), NvmeController()))
+    bz = _user_kernel_lacking(tmp_path, "XEN_DOM0", "VDPA_SIM", "IRQ_REMAP", "IOMMUFD")
+    check_kernel(read_user_kernel(bz), nvme_machine.kernel_needs())  # none of those is needed here
+    with pytest.raises(KernelConfigError) as info:
+        user_kernel(bz, MachineSpec(devices=(IntelIommu(intremap=True),)).kernel_needs())
+    assert info.value.missing == ["IRQ_REMAP"]
+    assert "CONFIG_IRQ_REMAP (needed by intel-iommu)" in str(info.value)
+    with pytest.raises(KernelConfigError):
+        user_kernel(bz)  # the project's full list, by default
+
+
+def test_missing_options_are_named_with_what_needs_them(tmp_path):
+    bz = _user_kernel_lacking(tmp_path, "BLK_DEV_NVME", "VIRTIO_CONSOLE", "INTEL_IOMMU")
+    spec = MachineSpec(devices=(IntelIommu(), NvmeController()))
+    with pytest.raises(KernelConfigError) as info:
+        check_kernel(read_user_kernel(bz), spec.kernel_needs())
+    assert info.value.missing == ["BLK_DEV_NVME", "INTEL_IOMMU", "VIRTIO_CONSOLE"]
+    message = str(info.value)
+    assert f"kernel {bz} lacks options" in message
+    for needle in ("CONFIG_BLK_DEV_NVME (needed by nvme)", "CONFIG_INTEL_IOMMU (needed by intel-iommu)",
+                   "CONFIG_VIRTIO_CONSOLE (needed by the harness)"):
+        assert needle in message
+
+
+def test_session_checks_a_user_kernel_against_the_scenario_before_building(tmp_path):
+    bz = _user_kernel_lacking(tmp_path, "BLK_DEV_NVME", "XEN_DOM0")
+    cache = tmp_path / "cache"
+    h = Harness(HarnessOptions(qemu=sys.executable, kernel=str(bz), cache=str(cache)))
+    assert h.kernel().bzimage == bz  # no machine given: nothing to check against
+    h.kernel(MachineSpec(devices=(IntelIommu(),)))
+    with pytest.raises(KernelConfigError, match=r"CONFIG_BLK_DEV_NVME \(needed by nvme\)"):
+        h.images(MachineSpec(devices=(IntelIommu(), NvmeController())))
+    with pytest.raises(KernelConfigError, match="CONFIG_BLK_DEV_NVME"):
+        h.images(MachineSpec(kernel=str(bz), devices=(NvmeController(),)))
+    assert not cache.exists()  # refused before any image step
+
+
+def test_the_project_kernel_has_what_every_device_can_ask_for():
+    """images/kernel.required (the project's build) covers every device in every setting."""
+    asked: set[str] = set()
+    for cls in DEVICE_KINDS.values():
+        flags = [f.name for f in dataclasses.fields(cls) if f.type == "bool"]
+        for variant in [{}] + [{flag: value} for flag in flags for value in (False, True)]:
+            asked |= set(cls(**variant).kernel_options())
+    assert {"INTEL_IOMMU", "IRQ_REMAP", "BLK_DEV_NVME"} <= asked
+    assert asked <= set(required_options())
+
+
+def test_doctor_and_images_show_build_nothing(tmp_path):
+    """With nothing cached, doctor says the kernel is not built (and how to build it)
+    instead of building it, and images show only looks: the cache stays empty."""
+    cache = tmp_path / "cache"
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "harness", *args, "--cache", str(cache), "--qemu",
+                               sys.executable], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+
+    doctor = run("doctor")
+    assert doctor.returncode in (0, 2), doctor.stderr  # 2: a build tool is missing on this machine
+    assert f"kernel: not built yet ({cache / 'kernel' / recipe_key()})" in doctor.stdout
+    assert "python -m harness images build" in doctor.stdout
+    assert "accelerator: not probed" in doctor.stdout
+    assert "accelerator: tcg (requested)" in run("doctor", "--accel", "tcg").stdout
+    show = run("images", "show")
+    assert show.returncode == 0, show.stderr
+    assert f"kernel  {cache / 'kernel' / recipe_key()}  [not built]" in show.stdout
+    assert "[not generated]" in show.stdout
+    assert not cache.exists() and cached_kernel(ImageCache(cache)) is None
 
 
 def test_user_kernel_without_readable_config_warns(tmp_path):

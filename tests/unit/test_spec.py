@@ -7,7 +7,7 @@ import pytest
 from harness.errors import DeviceConfigError
 from harness.device_tables import device_from_table
 from harness.vm.devices import IntelIommu, NvmeController, NvmeNamespace, RenderContext
-from harness.vm.spec import MachineSpec
+from harness.vm.spec import HARNESS_KERNEL_OPTIONS, MachineSpec
 
 CTX = RenderContext(Path("/run/x"), "tcg")
 
@@ -101,3 +101,12 @@ def test_vm_layer_imports_no_front_end_or_config_module():
                      else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             offenders += [f"{source.name}: {n}" for n in names if n.startswith(outside)]
     assert offenders == []
+
+
+def test_kernel_needs_are_the_harness_and_each_device():
+    bare = MachineSpec().kernel_needs()
+    assert set(bare) == set(HARNESS_KERNEL_OPTIONS) and bare["VIRTIO_CONSOLE"] == ["the harness"]
+    needs = MachineSpec(devices=(IntelIommu(), NvmeController(), NvmeController(id="nvme1"))).kernel_needs()
+    assert needs["INTEL_IOMMU"] == ["intel-iommu"] and needs["BLK_DEV_NVME"] == ["nvme"]
+    assert "IRQ_REMAP" not in needs and "XEN_DOM0" not in needs
+    assert MachineSpec(devices=(IntelIommu(intremap=True),)).kernel_needs()["IRQ_REMAP"] == ["intel-iommu"]
