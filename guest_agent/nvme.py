@@ -72,20 +72,30 @@ def pattern(seed: int, offset: int, length: int) -> bytes:
 
 @op("nvme.pattern_rw")
 def pattern_rw(device: str = "/dev/nvme0n1", offset: int = 0, length: int = 1 << 20,
-               chunk: int = 1 << 16, seed: int = 1) -> dict[str, Any]:
+               chunk: int = 1 << 16, seed: int = 1, buffers: int = 1) -> dict[str, Any]:
     """Write ``length`` bytes of a seeded pattern at byte ``offset`` in ``chunk``-sized
     O_DIRECT writes, read them back with O_DIRECT reads and compare.
 
+    ``buffers``: how many chunk-sized buffers the I/Os rotate through (more than one
+    makes the kernel map the same iovas to different pages from one I/O to the next,
+    which is what exposes a stale IOTLB entry).
+
     Returns a record: device, offset, length, chunk, the number of write and read
-    syscalls, mismatching chunk offsets (empty when the data verified), timings.
+    syscalls, mismatching chunk offsets (empty when the data verified), ``lba_size``
+    (bytes, from sysfs), ``buffers_pages`` (per buffer, the guest-physical byte
+    address of each of its pages), ``ios`` (each I/O: id, dir, byte pos, len, buffer
+    index), ``pages_moved`` (a buffer page changed frame during the run), timings.
     Raises OSError (reported with its errno) if the device cannot be opened or an I/O fails.
     """
     if offset % 4096 or length % 4096 or chunk % 4096:
         raise ValueError("offset, length and chunk must be multiples of 4096 bytes for O_DIRECT")
-    buf = mmap.mmap(-1, chunk)  # page-aligned, as O_DIRECT requires
-    buf.write(b"\1" * chunk)  # fault every page in before reading the page map
-    _mlock(buf)
-    pages = buffer_pages(buf)
+    if not 1 <= buffers <= 64:
+        raise ValueError("buffers must be 1..64")
+    bufs = [mmap.mmap(-1, chunk) for _ in range(buffers)]  # page-aligned, as O_DIRECT requires
+    for b in bufs:
+        b.write(b"\1" * chunk)  # fault every page in before reading the page map
+        _mlock(b)
+    pages = [buffer_pages(b) for b in bufs]
     lba_size = _lba_size(device)
     marks = marker_fd()
     ios: list[dict[str, Any]] = []
@@ -94,15 +104,17 @@ def pattern_rw(device: str = "/dev/nvme0n1", offset: int = 0, length: int = 1 <<
         if marks is not None:
             os.write(marks, text.encode())
 
-    def io(direction: str, pos: int, n: int) -> int:
+    def io(direction: str, pos: int, n: int, index: int) -> int:
         io_id = next(_io_ids)
-        ios.append({"io": io_id, "dir": direction, "pos": pos, "len": n})
+        ios.append({"io": io_id, "dir": direction, "pos": pos, "len": n, "buffer": index})
+        view = memoryview(bufs[index])[:n]
         mark(f"dma-harness io {io_id} begin {direction} pos={pos} len={n}")
         try:
             if direction == "write":
-                return os.pwrite(fd, memoryview(buf)[:n], pos)
-            return os.preadv(fd, [memoryview(buf)[:n]], pos)
+                return os.pwrite(fd, view, pos)
+            return os.preadv(fd, [view], pos)
         finally:
+            view.release()
             mark(f"dma-harness io {io_id} end")
 
     fd = os.open(device, os.O_RDWR | os.O_DIRECT)
@@ -110,35 +122,38 @@ def pattern_rw(device: str = "/dev/nvme0n1", offset: int = 0, length: int = 1 <<
     mismatches: list[int] = []
     t0 = time.monotonic()
     try:
-        for pos in range(offset, offset + length, chunk):
+        for i, pos in enumerate(range(offset, offset + length, chunk)):
             n = min(chunk, offset + length - pos)
+            buf = bufs[i % buffers]
             buf.seek(0)
             buf.write(pattern(seed, pos, n))
-            done = io("write", pos, n)
+            done = io("write", pos, n, i % buffers)
             if done != n:
                 raise OSError(5, f"short write {done} of {n} at {pos}")
             writes += 1
         os.fsync(fd)
         t1 = time.monotonic()
-        for pos in range(offset, offset + length, chunk):
+        for i, pos in enumerate(range(offset, offset + length, chunk)):
             n = min(chunk, offset + length - pos)
+            buf = bufs[(i + 1) % buffers]  # not the buffer that wrote this chunk
             buf.seek(0)
             buf.write(b"\0" * n)
-            got = io("read", pos, n)
+            got = io("read", pos, n, (i + 1) % buffers)
             if got != n:
                 raise OSError(5, f"short read {got} of {n} at {pos}")
             reads += 1
             if bytes(buf[:n]) != pattern(seed, pos, n):
                 mismatches.append(pos)
         t2 = time.monotonic()
-        pages_after = buffer_pages(buf)
+        pages_after = [buffer_pages(b) for b in bufs]
     finally:
         os.close(fd)
         if marks is not None:
             os.close(marks)
-        buf.close()
+        for b in bufs:
+            b.close()
     return {"device": device, "offset": offset, "length": length, "chunk": chunk, "seed": seed,
-            "writes": writes, "reads": reads, "mismatches": mismatches, "verified": not mismatches,
-            "lba_size": lba_size, "buffer_pages": pages, "pages_moved": pages_after != pages,
-            "ios": ios, "markers": marks is not None,
+            "buffers": buffers, "writes": writes, "reads": reads, "mismatches": mismatches,
+            "verified": not mismatches, "lba_size": lba_size, "buffers_pages": pages,
+            "pages_moved": pages_after != pages, "ios": ios, "markers": marks is not None,
             "write_seconds": round(t1 - t0, 4), "read_seconds": round(t2 - t1, 4)}

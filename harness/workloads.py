@@ -34,7 +34,9 @@ class NvmePattern(Workload):
     """Write a seeded pattern to an NVMe namespace with O_DIRECT, read it back and verify.
 
     ``device`` (guest path), ``offset``/``length``/``chunk`` (bytes, multiples of 4096),
-    ``rounds`` (repetitions, each with a new seed), ``seed``.
+    ``rounds`` (repetitions, each with a new seed), ``seed``, ``buffers`` (chunk-sized
+    buffers the I/Os rotate through: with more than one, iovas are remapped to other
+    pages between I/Os, which exposes stale IOTLB entries).
     """
 
     kind: ClassVar[str] = "nvme-pattern"
@@ -44,6 +46,7 @@ class NvmePattern(Workload):
     chunk: int = 1 << 16
     rounds: int = 2
     seed: int = 1
+    buffers: int = 2
 
     def __post_init__(self) -> None:
         for name in ("offset", "length", "chunk"):
@@ -53,6 +56,8 @@ class NvmePattern(Workload):
         for name in ("length", "chunk"):
             if getattr(self, name) == 0:
                 raise ConfigError(f"{name} must be > 0", key=name)
+        if not 1 <= self.buffers <= 64:
+            raise ConfigError(f"buffers must be 1..64, not {self.buffers}", key="buffers")
         if not 1 <= self.rounds <= 1000:
             raise ConfigError(f"rounds must be 1..1000, not {self.rounds}", key="rounds")
 
@@ -60,7 +65,7 @@ class NvmePattern(Workload):
         records = []
         for r in range(self.rounds):
             rec = agent.call("nvme.pattern_rw", timeout=300, device=self.device, offset=self.offset,
-                             length=self.length, chunk=self.chunk, seed=self.seed + r)
+                             length=self.length, chunk=self.chunk, seed=self.seed + r, buffers=self.buffers)
             records.append({"op": "nvme.pattern_rw", **rec})
             if not rec.get("verified"):
                 raise WorkloadFailed(f"data read back from {self.device} did not match what was written "

@@ -104,8 +104,10 @@ def ios_from_records(records: Iterable[Mapping[str, Any]]) -> list[IoRecord]:
     for rec in records:
         if rec.get("op") != "nvme.pattern_rw" or "ios" not in rec:
             continue
-        pages = tuple(int(p) for p in rec.get("buffer_pages", ()))
+        buffers = [tuple(int(p) for p in pages) for pages in rec.get("buffers_pages", ())]
         for io in rec["ios"]:
+            index = int(io.get("buffer", 0))
+            pages = buffers[index] if index < len(buffers) else ()
             out.append(IoRecord(int(io["io"]), str(io["dir"]), int(io["pos"]), int(io["len"]), pages,
                                 int(rec.get("lba_size", 512))))
     return out

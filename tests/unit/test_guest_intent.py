@@ -204,7 +204,7 @@ def data(guest: list[str], host: list[str], records: list[dict[str, object]]) ->
     return checker.finish()
 
 
-RECORD = {"op": "nvme.pattern_rw", "lba_size": 512, "buffer_pages": [PAGE_A],
+RECORD = {"op": "nvme.pattern_rw", "lba_size": 512, "buffers_pages": [[PAGE_A]],
           "ios": [{"io": 1, "dir": "read", "pos": 0, "len": 4096}]}
 
 

@@ -19,14 +19,38 @@ def run_cli(*args, env_cache, cwd=ROOT, timeout=300):
 def test_main_job_prints_verdict_with_counts(dma_harness, tmp_path, no_leftovers):
     proc = run_cli("run", "configs/intel-iommu-nvme.toml", "--json", "--artifacts", str(tmp_path),
                    env_cache=dma_harness.cache.root)
-    assert proc.returncode == 0, proc.stderr
+    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr)
     result = json.loads(proc.stdout)
-    counts = result["verdict"]["counts"]
-    assert result["verdict"]["ok"] and counts["translations"] > 0 and counts["invalidations"] > 0
-    assert all(r["verified"] for r in result["records"])
-    io = result["block_io"]
-    assert io["ok"] and io["device_written"] >= io["guest_written"] == 2 << 20
+    verdict = result["verdict"]
+    assert verdict["status"] == "ok" and verdict["conclusive"] is True
+    reports = {r["checker"]: r for r in verdict["reports"]}
+    assert set(reports) == {"vtd-consistency", "guest-intent", "block-data"}
+    vtd = reports["vtd-consistency"]["counts"]
+    assert vtd["translations"] > 0 and vtd["invalidations"] > 0
+    intent = reports["guest-intent"]["counts"]
+    assert intent["translations_checked"] > 0 and intent["guest_maps"] > 0
+    data = reports["block-data"]["counts"]
+    assert data["bytes_written_checked"] == data["bytes_read_checked"] == 2 << 20
+    assert data["pages_checked"] == 2 * (2 << 20) // 4096
     assert list(tmp_path.iterdir()) == []  # nothing diverged: no artifacts
+
+
+def test_saved_run_replays_without_a_vm(dma_harness, tmp_path, no_leftovers):
+    """``--keep-artifacts`` then ``check FOLDER``: the same verdict from the saved evidence alone."""
+    proc = run_cli("run", "configs/intel-iommu-nvme-nocm.toml", "--json", "--keep-artifacts",
+                   "--artifacts", str(tmp_path), env_cache=dma_harness.cache.root)
+    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr)
+    folder = tmp_path / "intel-iommu-nvme-nocm"
+    for name in ("trace.log", "guest-trace.txt", "guest-trace.json", "records.json", "verdict.json", "config.toml"):
+        assert (folder / name).is_file(), name
+    replay = run_cli("check", str(folder), "--json", env_cache=dma_harness.cache.root)
+    assert replay.returncode == 0, replay.stderr
+    live = json.loads(proc.stdout)["verdict"]
+    again = json.loads(replay.stdout)
+    assert [r["counts"] for r in again["reports"]] == [r["counts"] for r in live["reports"]]
+    host_only = run_cli("check", str(folder / "trace.log"), env_cache=dma_harness.cache.root)
+    assert host_only.returncode == 3, host_only.stderr
+    assert "guest kernel's event log is empty or missing" in host_only.stderr
 
 
 def test_guest_that_never_comes_up(dma_harness, tmp_path, no_leftovers):

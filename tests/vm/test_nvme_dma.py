@@ -21,10 +21,16 @@ def test_nvme_o_direct_dma_matches_iotlb_model(vm_factory, dma_verdict, caching_
     assert sum(r["writes"] + r["reads"] for r in records) == 16
 
     verdict = dma_verdict(vm)
-    c = verdict.counts
+    assert verdict.status == "ok", verdict.format()
+    c = verdict.report("vtd-consistency").counts
     assert c.translations > 0 and c.iotlb_updates > 0 and c.invalidations > 0, verdict.format()
     assert c.nvme_prp_maps > 0
-    assert verdict.ok, verdict.format()
+    guest = verdict.report("guest-intent").counts
+    assert guest.translations_checked > 0 and guest.guest_maps > 0 and guest.nvme_pairs > 0, verdict.format()
+    assert guest.invalidation_pairs > 0, verdict.format()
+    assert guest.directions_checked > 0 and guest.unattributed_maps == 0, verdict.format()
+    data = verdict.report("block-data").counts
+    assert data.ios_checked == data.ios == 16 and data.pages_checked == 2 * (256 << 10) // 4096, verdict.format()
 
 
 def test_ssh_and_console_reach_the_guest(vm):

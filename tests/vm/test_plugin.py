@@ -11,26 +11,31 @@ pytest_plugins = ["pytester"]
 DATA = Path(__file__).resolve().parents[1] / "data"
 
 
-def run_child(pytester, dma_harness, artifacts):
+def run_child(pytester, dma_harness, artifacts, *extra):
     return pytester.runpytest_subprocess(f"--dma-cache={dma_harness.cache.root}",
                                          f"--dma-artifacts={artifacts}",
-                                         f"--dma-accel={dma_harness.accel().accel}", "-p", "no:cacheprovider")
+                                         f"--dma-accel={dma_harness.accel().accel}", "-p", "no:cacheprovider",
+                                         *extra)
 
 
 def test_failed_test_leaves_reproducible_artifacts(pytester, dma_harness, tmp_path, no_leftovers):
     pytester.makepyfile(test_inner="""
         def test_fails(vm):
             assert vm.agent.call("ping")["uptime"] > 0
+            vm.agent.call("nvme.pattern_rw", length=65536, chunk=65536)
             assert False, "deliberate failure"
     """)
     result = run_child(pytester, dma_harness, tmp_path)
     result.assert_outcomes(failed=1)
     folder = tmp_path / "test_inner.py_test_fails" / "vm0"
     for name in ("argv.json", "console.log", "qmp.log", "trace.log", "qemu.log", "verdict.json",
-                 "verdict.txt", "config.toml"):
+                 "verdict.txt", "config.toml", "guest-trace.txt", "records.json"):
         assert (folder / name).is_file(), name
     assert "dma-harness: init done" in (folder / "console.log").read_text()
-    assert load_scenario(folder / "config.toml").machine == default_machine()
+    scenario = load_scenario(folder / "config.toml")
+    assert scenario.machine == default_machine()
+    # the saved config replays what the test asked the guest agent to do
+    assert [op["op"] for op in scenario.workload.ops] == ["nvme.pattern_rw"]
 
 
 def test_divergence_fails_the_test_at_teardown(pytester, dma_harness, tmp_path, no_leftovers):
@@ -38,24 +43,28 @@ def test_divergence_fails_the_test_at_teardown(pytester, dma_harness, tmp_path, 
     the teardown sees a real divergence verdict while the guest itself was fine."""
     pytester.makeconftest(f"""
         import lzma, re
-        import harness.pytest_plugin as plugin
+        import harness.finish as finish
+        from harness.checks.verdict import Verdict
         from harness.checks.vtd import check_lines
 
-        def tampered(path):
+        def tampered(evidence):
             lines = lzma.decompress(open({str(DATA / 'intel-iommu-nvme-nocm-qemu7.2.trace.xz')!r}, 'rb').read()).decode().splitlines()
             i = next(i for i, t in enumerate(lines) if i > 900 and t.startswith("vtd_dmar_translate"))
             lines[i] = re.sub(r"-> gpa 0x([0-9a-f]+)", lambda m: "-> gpa %#x" % (int(m.group(1), 16) ^ 0x200000), lines[i])
-            return check_lines(lines)
+            return Verdict(reports=[check_lines(lines)])
 
-        plugin.check_trace_file = tampered
+        finish.check_evidence = tampered
     """)
     pytester.makepyfile(test_inner="""
         def test_passes(vm):
             assert vm.agent.call("ping")["uptime"] > 0
     """)
-    result = run_child(pytester, dma_harness, tmp_path)
+    junit = tmp_path / "junit.xml"
+    result = run_child(pytester, dma_harness, tmp_path, f"--junitxml={junit}")
     result.assert_outcomes(passed=1, errors=1)
-    result.stdout.fnmatch_lines(["*vm0: DMA diverged from the IOTLB model*", "*wrong-translation at line*"])
+    result.stdout.fnmatch_lines(["*vm0: DMA diverged from the models*", "*wrong-translation at line*"])
+    xml = junit.read_text()
+    assert 'name="vm0.vtd-consistency.translations"' in xml and 'name="vm0.status" value="divergence"' in xml
     assert "wrong-translation" in (tmp_path / "test_inner.py_test_passes" / "vm0" / "verdict.txt").read_text()
 
 
