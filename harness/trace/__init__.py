@@ -1,15 +1,24 @@
 """QEMU trace-log parsing into typed events.
 
 ``parse_file(path)`` / ``parse_lines(lines)`` stream :class:`Event` objects
-(one per line, never raising on content); ``TRACE_EVENTS`` lists the events
-to enable and ``write_events_file(path)`` writes them for ``-trace events=``.
-Event classes and helpers live in :mod:`harness.trace.events`.
+(one per line, never raising on content; ``ParseStats`` counts them, with the
+unparseable lines per event family); ``parse_file`` reads plain, gzip and xz
+traces in bounded memory and raises :class:`TraceReadError` (an ``OSError``)
+for a file that is no trace (a directory, a FIFO, a truncated or corrupt
+compressed stream).  ``TRACE_EVENTS`` lists the events to enable and
+``write_events_file(path)`` writes them for ``-trace events=``.  Event classes,
+their formats and field widths live in :mod:`harness.trace.events`.
 """
 
 from harness.trace.events import (
     EVENT_CLASSES,
     TRACE_EVENTS,
+    NO_FAMILY,
     ContextCacheReset,
+    DmaBlkCb,
+    DmaBlkIo,
+    DmaComplete,
+    DmaEvent,
     DmarEnable,
     DmarFault,
     DmarTranslate,
@@ -39,16 +48,31 @@ from harness.trace.events import (
     TranslatePassthrough,
     UnknownEvent,
     VtdEvent,
+    event_family,
     make_sid,
     slpte_gpa,
     slpte_perm,
 )
-from harness.trace.parser import ParseStats, parse_file, parse_line, parse_lines, write_events_file
+from harness.trace.parser import (
+    MAX_LINE_BYTES,
+    ParseStats,
+    TraceReadError,
+    parse_file,
+    parse_line,
+    parse_lines,
+    write_events_file,
+)
 
 __all__ = [
     "EVENT_CLASSES",
+    "MAX_LINE_BYTES",
+    "NO_FAMILY",
     "TRACE_EVENTS",
     "ContextCacheReset",
+    "DmaBlkCb",
+    "DmaBlkIo",
+    "DmaComplete",
+    "DmaEvent",
     "DmarEnable",
     "DmarFault",
     "DmarTranslate",
@@ -76,9 +100,11 @@ __all__ = [
     "NvmeWrite",
     "ParseStats",
     "SwitchAddressSpace",
+    "TraceReadError",
     "TranslatePassthrough",
     "UnknownEvent",
     "VtdEvent",
+    "event_family",
     "make_sid",
     "parse_file",
     "parse_line",

@@ -4,7 +4,25 @@ Each trace line ``NAME ARGS`` (optionally prefixed by ``PID@SECONDS.USEC:``
 when QEMU runs with ``-msg timestamp=on``) becomes one frozen, slotted
 dataclass.  Every event carries ``lineno`` (1-based line number in the trace
 file) and ``raw`` (the line without its newline); the other fields use the
-names of the QEMU trace points (hw/i386/trace-events, hw/nvme/trace-events).
+names of the QEMU trace points (hw/i386/trace-events, hw/nvme/trace-events,
+the dma-helpers events of the top-level trace-events).
+
+Each class states its own line format next to its fields:
+
+* ``NAME``: the trace event name;
+* ``FORMAT``: a regular expression of the argument text (what follows
+  ``NAME `` on the line) in which ``{field}`` stands for one field;
+* each field's annotation carries an :class:`Arg`: how QEMU prints the value
+  (``0x%PRIx64``, ``%u``, ``%d``, ``%p``, ``%s``) and how many bits the value
+  has in the source it comes from.  ``X16`` is a hex value of 16 bits
+  (``X3``, ``X5``: a PCI function and slot printed ``%02x``),
+  ``U32`` an unsigned decimal of 32 bits, ``S32`` a signed decimal, ``Flag``
+  a ``bool`` printed ``%d`` (0 or 1), ``Ptr`` a ``%p`` host pointer, ``Text``
+  a ``%s`` string.
+
+:mod:`harness.trace.parser` compiles these into one matcher per name.  A value
+outside its width (an ``am`` of 64, a 17-bit source id, a negative ``cid``)
+makes the line a :class:`MalformedEvent`: no consumer ever sees it.
 
 Address spaces and units:
 
@@ -19,9 +37,12 @@ Address spaces and units:
 * ``mask``: in ``vtd_dmar_translate``, the byte offset mask of the page
   (``0xfff`` 4 KiB, ``0x1fffff`` 2 MiB, ``0x3fffffff`` 1 GiB).
 * ``am``: in ``vtd_inv_desc_iotlb_pages``, the VT-d address mask: the
-  invalidation covers ``2**am`` 4 KiB pages (printed as ``mask 0x%x``).
-* ``sid``: PCI source id, ``bus << 8 | slot << 3 | func``.
-* ``domain``: VT-d domain id.
+  invalidation covers ``2**am`` 4 KiB pages (printed as ``mask 0x%x``).  The
+  descriptor field is 6 bits, so ``am <= 63``; QEMU 7.2 itself rejects
+  ``am > VTD_MAMV`` (18) in ``vtd_process_iotlb_desc`` / ``vtd_iotlb_flush``
+  before ``vtd_iotlb_page_invalidate`` traces it.
+* ``sid``: PCI source id, ``bus << 8 | slot << 3 | func`` (16 bits).
+* ``domain``: VT-d domain id (16 bits).
 
 Nothing in this module raises on trace input; see :mod:`harness.trace.parser`.
 """
@@ -30,7 +51,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import ClassVar, Final
+from typing import Annotated, ClassVar, Final, Literal, TypeAlias
 
 __all__ = [
     "PAGE_SHIFT",
@@ -39,13 +60,18 @@ __all__ = [
     "SLPTE_READ",
     "SLPTE_WRITE",
     "VTD_FAULT_REASONS",
+    "VTD_AM_MAX",
     "slpte_gpa",
     "slpte_perm",
     "make_sid",
     "perm_name",
+    "event_family",
+    "NO_FAMILY",
+    "Arg",
     "Event",
     "VtdEvent",
     "NvmeEvent",
+    "DmaEvent",
     "IotlbPageUpdate",
     "IotlbPageHit",
     "DmarTranslate",
@@ -71,6 +97,9 @@ __all__ = [
     "NvmeCreateSq",
     "NvmeCreateCq",
     "NvmeError",
+    "DmaBlkIo",
+    "DmaBlkCb",
+    "DmaComplete",
     "UnknownEvent",
     "MalformedEvent",
     "EVENT_CLASSES",
@@ -83,6 +112,8 @@ SLPTE_ADDR_MASK: Final = ((1 << 52) - 1) & ~(PAGE_SIZE - 1)
 """Bits 12..51 of a second-level PTE: the guest-physical frame address."""
 SLPTE_READ: Final = 1
 SLPTE_WRITE: Final = 2
+VTD_AM_MAX: Final = 63
+"""Largest address mask a 6-bit ``AM`` field can hold (the parser's bound)."""
 
 VTD_FAULT_REASONS: Final[dict[int, str]] = {
     1: "root entry not present",
@@ -104,7 +135,32 @@ VTD_FAULT_REASONS: Final[dict[int, str]] = {
 
 _PERM_NAMES: Final = ("--", "r-", "-w", "rw")
 
-_TS_PREFIX: Final = re.compile(r"(\d+)@(\d+)\.(\d+):")
+# QEMU prints "%d@%zu.%06zu:" (thread id, seconds, microseconds); the digit
+# counts are bounded so that no consumer ever converts an unbounded number.
+_TS_PREFIX: Final = re.compile(r"([0-9]{1,10})@([0-9]{1,20})\.([0-9]{1,9}):")
+
+NO_FAMILY: Final = "?"
+"""Family of a line whose event name could not be read (see :func:`event_family`)."""
+
+_FAMILY_PREFIXES: Final = ("pci_nvme", "vtd", "dma", "virtio", "amdvi", "vfio", "vhost")
+
+
+def event_family(name: str | None) -> str:
+    """The family of a trace event name: the subsystem prefix the checkers
+    depend on as a whole.
+
+    ``vtd_*`` -> ``"vtd"``, ``pci_nvme_*`` -> ``"pci_nvme"``, ``dma_*``
+    (``dma_blk_io``, ``dma_blk_cb``, ``dma_complete``) -> ``"dma"``,
+    ``virtio_*`` -> ``"virtio"``; any other name -> the text before its
+    first ``_``; no name (None or "") -> :data:`NO_FAMILY`.
+    """
+    if not name:
+        return NO_FAMILY
+    for prefix in _FAMILY_PREFIXES:
+        if name.startswith(prefix) and name[len(prefix) : len(prefix) + 1] in ("_", ""):
+            return prefix
+    head, _, _ = name.partition("_")
+    return head
 
 
 def slpte_gpa(slpte: int) -> int:
@@ -134,6 +190,133 @@ def perm_name(perm: int) -> str:
 
 
 # --------------------------------------------------------------------------
+# Field formats
+# --------------------------------------------------------------------------
+
+ArgKind = Literal["hex", "uint", "int", "flag", "ptr", "text"]
+
+
+@dataclass(frozen=True, slots=True)
+class Arg:
+    """How one trace argument is printed and how wide its value is.
+
+    ``kind``: ``"hex"`` (hex digits; the ``0x`` is part of the event's
+    ``FORMAT``), ``"uint"`` / ``"int"`` (unsigned / signed decimal),
+    ``"flag"`` (a C ``bool`` printed ``%d``: ``0`` or ``1``), ``"ptr"``
+    (``%p``: ``0x...`` or glibc's ``(nil)``, 64 bits), ``"text"`` (``%s``).
+    ``bits``: the width of the value in the spec it comes from.
+    ``pad``: the printed minimum width (2 for ``%02x``), so that the leading
+    zeros QEMU pads a narrow value with are accepted.
+    ``optional``: the value may be absent from the line (the field is None).
+
+    A value is accepted only if it fits: ``0 <= v < 2**bits`` (unsigned),
+    ``-2**(bits-1) <= v < 2**(bits-1)`` (signed), written with no more digits
+    than the width needs (or ``pad``): no unbounded number is ever converted.
+    QEMU never prints more (``PRIx64`` does not pad).
+    """
+
+    kind: ArgKind
+    bits: int = 0
+    optional: bool = False
+    pad: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind in ("hex", "uint", "int") and not 0 < self.bits <= 64:
+            raise ValueError(f"Arg({self.kind!r}): bits must be 1..64, not {self.bits}")
+
+    @property
+    def min(self) -> int:
+        """Smallest accepted value (integers)."""
+        return -(1 << (self.bits - 1)) if self.kind == "int" else 0
+
+    @property
+    def max(self) -> int:
+        """Largest accepted value (integers; 1 for a flag, 2**64-1 for a pointer)."""
+        if self.kind == "int":
+            return (1 << (self.bits - 1)) - 1
+        if self.kind == "flag":
+            return 1
+        if self.kind == "ptr":
+            return (1 << 64) - 1
+        return (1 << self.bits) - 1
+
+    @property
+    def needs_range_check(self) -> bool:
+        """True when the pattern alone does not bound the value (decimals)."""
+        return self.kind in ("uint", "int")
+
+    def pattern(self) -> str:
+        """Regular expression of the printed value, with exactly one group.
+
+        Hex patterns bound the value exactly (the top digit is limited when
+        ``bits`` is not a multiple of 4); decimal patterns bound the number
+        of digits, and the parser checks the range.
+        """
+        kind = self.kind
+        if kind == "hex":
+            digits, rest = divmod(self.bits, 4)
+            width = digits + (rest > 0)
+            zeros = f"0{{0,{self.pad - width}}}" if self.pad > width else ""
+            count = f"{{1,{digits}}}" if digits > 1 else ""
+            if rest == 0:
+                return f"({zeros}[0-9a-fA-F]{count})"
+            top = f"[0-{(1 << rest) - 1}]"
+            if digits == 0:
+                return f"({zeros}{top})"
+            return f"({zeros}{top}?[0-9a-fA-F]{count})"
+        if kind == "uint":
+            return f"([0-9]{{1,{len(str(self.max))}}})"
+        if kind == "int":
+            return f"(-?[0-9]{{1,{len(str(self.max))}}})"
+        if kind == "flag":
+            return "([01])"
+        if kind == "ptr":
+            return r"(\(nil\)|0x[0-9a-fA-F]{1,16})"
+        return "(.*)"
+
+    def describe(self) -> str:
+        """What the field holds, for messages: ``"hex, 6 bits: 0x0..0x3f"``,
+        ``"decimal, 16 bits: 0..65535"``, ``"0 or 1"``..."""
+        kind = self.kind
+        if kind == "text":
+            return "string"
+        if kind == "flag":
+            return "0 or 1"
+        if kind == "ptr":
+            return "pointer, 64 bits"
+        if kind == "hex":
+            return f"hex, {self.bits} bits: 0x0..{self.max:#x}"
+        sign = "signed " if kind == "int" else ""
+        return f"{sign}decimal, {self.bits} bits: {self.min}..{self.max}"
+
+    def show(self, text: str) -> str:
+        """The printed value ``text`` as it appears on the line (``0x`` before hex
+        digits), cut to 40 characters."""
+        if self.kind == "hex":
+            text = "0x" + text
+        return text if len(text) <= 40 else text[:37] + "..."
+
+
+X3: TypeAlias = Annotated[int, Arg("hex", 3, pad=2)]
+X5: TypeAlias = Annotated[int, Arg("hex", 5, pad=2)]
+X6: TypeAlias = Annotated[int, Arg("hex", 6)]
+X8: TypeAlias = Annotated[int, Arg("hex", 8)]
+X16: TypeAlias = Annotated[int, Arg("hex", 16)]
+X32: TypeAlias = Annotated[int, Arg("hex", 32)]
+X64: TypeAlias = Annotated[int, Arg("hex", 64)]
+OptX32: TypeAlias = Annotated[int | None, Arg("hex", 32, optional=True)]
+U8: TypeAlias = Annotated[int, Arg("uint", 8)]
+U16: TypeAlias = Annotated[int, Arg("uint", 16)]
+U32: TypeAlias = Annotated[int, Arg("uint", 32)]
+U64: TypeAlias = Annotated[int, Arg("uint", 64)]
+S32: TypeAlias = Annotated[int, Arg("int", 32)]
+S64: TypeAlias = Annotated[int, Arg("int", 64)]
+Flag: TypeAlias = Annotated[bool, Arg("flag", 1)]
+Ptr: TypeAlias = Annotated[int, Arg("ptr", 64)]
+Text: TypeAlias = Annotated[str, Arg("text")]
+
+
+# --------------------------------------------------------------------------
 # Base classes
 # --------------------------------------------------------------------------
 
@@ -143,6 +326,9 @@ class Event:
     """One trace line.  ``lineno`` is 1-based; ``raw`` is the line without newline."""
 
     NAME: ClassVar[str] = ""
+    FORMAT: ClassVar[str | None] = None
+    """Regular expression of the argument text, ``{field}`` for each field
+    (None: not a fixed-format event)."""
     IS_VTD: ClassVar[bool] = False
 
     lineno: int
@@ -180,18 +366,24 @@ class NvmeEvent(Event):
     """Base of the NVMe controller (``pci_nvme_*``) events."""
 
 
+@dataclass(frozen=True, slots=True)
+class DmaEvent(Event):
+    """Base of QEMU's dma-helpers events (system/dma-helpers.c: block DMA through
+    a scatter-gather list, as hw/nvme uses for PRP-described data)."""
+
+
 # --------------------------------------------------------------------------
-# VT-d (hw/i386/intel_iommu.c)
+# VT-d (hw/i386/intel_iommu.c; widths from hw/i386/trace-events)
 # --------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
 class _IotlbEntryEvent(VtdEvent):
-    sid: int
-    iova: int
-    slpte: int
-    domain: int
-    pasid: int | None = None
+    sid: X16
+    iova: X64
+    slpte: X64
+    domain: X16
+    pasid: OptX32 = None
     """Only in QEMU versions that print it (not 7.2)."""
 
     @property
@@ -219,6 +411,10 @@ class IotlbPageUpdate(_IotlbEntryEvent):
     being cached (``vtd_update_iotlb``); ``iova`` is the unaligned address."""
 
     NAME: ClassVar[str] = "vtd_iotlb_page_update"
+    FORMAT: ClassVar[str | None] = (
+        r"IOTLB page update sid 0x{sid} iova 0x{iova} (?:sl)?pte 0x{slpte} domain 0x{domain}"
+        r"(?:,? pasid 0x{pasid})?"
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,13 +423,19 @@ class IotlbPageHit(_IotlbEntryEvent):
     ``slpte`` and ``domain`` are those of the cached entry."""
 
     NAME: ClassVar[str] = "vtd_iotlb_page_hit"
+    FORMAT: ClassVar[str | None] = (
+        r"IOTLB page hit sid 0x{sid} iova 0x{iova} (?:sl)?pte 0x{slpte} domain 0x{domain}"
+        r"(?:,? pasid 0x{pasid})?"
+    )
 
 
 @dataclass(frozen=True, slots=True)
 class _DevEvent(VtdEvent):
-    bus: int
-    slot: int
-    func: int
+    bus: X8
+    slot: X5
+    """PCI slot (device number), 5 bits."""
+    func: X3
+    """PCI function, 3 bits."""
 
     @property
     def devfn(self) -> int:
@@ -252,9 +454,12 @@ class DmarTranslate(_DevEvent):
     ``mask`` is the page's byte offset mask."""
 
     NAME: ClassVar[str] = "vtd_dmar_translate"
-    iova: int
-    gpa: int
-    mask: int
+    FORMAT: ClassVar[str | None] = (
+        r"dev {bus}:{slot}\.{func} iova 0x{iova} -> gpa 0x{gpa} mask 0x{mask}"
+    )
+    iova: X64
+    gpa: X64
+    mask: X64
 
     @property
     def page_size(self) -> int:
@@ -268,7 +473,10 @@ class SwitchAddressSpace(_DevEvent):
     region (``enabled``) or directly to memory (DMAR off or passthrough fast path)."""
 
     NAME: ClassVar[str] = "vtd_switch_address_space"
-    enabled: bool
+    FORMAT: ClassVar[str | None] = (
+        r"Device {bus}:{slot}\.{func} switching address space \(iommu enabled={enabled}\)"
+    )
+    enabled: Flag
 
 
 @dataclass(frozen=True, slots=True)
@@ -277,20 +485,25 @@ class TranslatePassthrough(VtdEvent):
     translate of ``sid`` is the identity for the 4 KiB page ``iova``."""
 
     NAME: ClassVar[str] = "vtd_translate_pt"
-    sid: int
-    iova: int
+    FORMAT: ClassVar[str | None] = r"source id 0x{sid}, iova 0x{iova}"
+    sid: X16
+    iova: X64
 
 
 @dataclass(frozen=True, slots=True)
 class InvIotlbPages(VtdEvent):
     """``vtd_inv_desc_iotlb_pages``: page-selective IOTLB invalidation of
-    ``2**am`` 4 KiB pages at ``addr`` in ``domain`` (``vtd_iotlb_page_invalidate``)."""
+    ``2**am`` 4 KiB pages at ``addr`` in ``domain`` (``vtd_iotlb_page_invalidate``).
+    ``am`` is the 6-bit descriptor field (at most :data:`VTD_AM_MAX`)."""
 
     NAME: ClassVar[str] = "vtd_inv_desc_iotlb_pages"
-    domain: int
-    addr: int
-    am: int
-    pasid: int | None = None
+    FORMAT: ClassVar[str | None] = (
+        r"iotlb invalidate domain 0x{domain} addr 0x{addr} mask 0x{am}(?:,? pasid 0x{pasid})?"
+    )
+    domain: X16
+    addr: X64
+    am: X6
+    pasid: OptX32 = None
 
     @property
     def pages(self) -> int:
@@ -318,6 +531,9 @@ class InvIotlbPasidPages(InvIotlbPages):
     """``vtd_inv_desc_iotlb_pasid_pages`` (PASID-based, not emitted by 7.2)."""
 
     NAME: ClassVar[str] = "vtd_inv_desc_iotlb_pasid_pages"
+    FORMAT: ClassVar[str | None] = (
+        r"iotlb invalidate domain 0x{domain} addr 0x{addr} mask 0x{am},? pasid 0x{pasid}"
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -325,7 +541,8 @@ class InvIotlbDomain(VtdEvent):
     """``vtd_inv_desc_iotlb_domain``: every IOTLB entry of ``domain`` (``vtd_iotlb_domain_invalidate``)."""
 
     NAME: ClassVar[str] = "vtd_inv_desc_iotlb_domain"
-    domain: int
+    FORMAT: ClassVar[str | None] = r"iotlb invalidate whole domain 0x{domain}"
+    domain: X16
 
 
 @dataclass(frozen=True, slots=True)
@@ -333,8 +550,9 @@ class InvIotlbPasid(VtdEvent):
     """``vtd_inv_desc_iotlb_pasid`` (PASID-based, not emitted by 7.2)."""
 
     NAME: ClassVar[str] = "vtd_inv_desc_iotlb_pasid"
-    domain: int
-    pasid: int
+    FORMAT: ClassVar[str | None] = r"iotlb invalidate domain 0x{domain},? pasid 0x{pasid}"
+    domain: X16
+    pasid: X32
 
 
 @dataclass(frozen=True, slots=True)
@@ -342,6 +560,7 @@ class InvIotlbGlobal(VtdEvent):
     """``vtd_inv_desc_iotlb_global``: the whole IOTLB (``vtd_iotlb_global_invalidate``)."""
 
     NAME: ClassVar[str] = "vtd_inv_desc_iotlb_global"
+    FORMAT: ClassVar[str | None] = r"iotlb invalidate global"
 
 
 @dataclass(frozen=True, slots=True)
@@ -351,7 +570,8 @@ class IotlbReset(VtdEvent):
     ``vtd_iotlb_page_update`` whose entry is inserted after the reset)."""
 
     NAME: ClassVar[str] = "vtd_iotlb_reset"
-    reason: str
+    FORMAT: ClassVar[str | None] = r"IOTLB reset \(reason: {reason}\)"
+    reason: Text
 
 
 @dataclass(frozen=True, slots=True)
@@ -359,6 +579,7 @@ class ContextCacheReset(VtdEvent):
     """``vtd_context_cache_reset`` (``vtd_reset_context_cache_locked``)."""
 
     NAME: ClassVar[str] = "vtd_context_cache_reset"
+    FORMAT: ClassVar[str | None] = r""
 
 
 @dataclass(frozen=True, slots=True)
@@ -366,17 +587,20 @@ class InvContextGlobal(VtdEvent):
     """``vtd_inv_desc_cc_global`` (``vtd_context_global_invalidate``)."""
 
     NAME: ClassVar[str] = "vtd_inv_desc_cc_global"
+    FORMAT: ClassVar[str | None] = r"context invalidate globally"
 
 
 @dataclass(frozen=True, slots=True)
 class DmarFault(VtdEvent):
-    """``vtd_dmar_fault``: a translation fault was reported (``vtd_report_dmar_fault``)."""
+    """``vtd_dmar_fault``: a translation fault was reported (``vtd_report_dmar_fault``).
+    ``fault`` is the ``VTDFaultReason`` (the 8-bit FR field of a fault record)."""
 
     NAME: ClassVar[str] = "vtd_dmar_fault"
-    sid: int
-    fault: int
-    addr: int
-    write: bool
+    FORMAT: ClassVar[str | None] = r"sid 0x{sid} fault {fault} addr 0x{addr} write {write}"
+    sid: X16
+    fault: U8
+    addr: X64
+    write: Flag
 
     @property
     def reason(self) -> str:
@@ -389,11 +613,12 @@ class DmarEnable(VtdEvent):
     """``vtd_dmar_enable``: GCMD.TE changed (``vtd_handle_gcmd_te``)."""
 
     NAME: ClassVar[str] = "vtd_dmar_enable"
-    enable: bool
+    FORMAT: ClassVar[str | None] = r"enable {enable}"
+    enable: Flag
 
 
 # --------------------------------------------------------------------------
-# NVMe (hw/nvme/ctrl.c)
+# NVMe (hw/nvme/ctrl.c; widths from hw/nvme/trace-events)
 # --------------------------------------------------------------------------
 
 
@@ -402,11 +627,14 @@ class NvmeMapPrp(NvmeEvent):
     """``pci_nvme_map_prp``: PRP mapping of a data transfer; ``prp1``/``prp2`` are IOVAs."""
 
     NAME: ClassVar[str] = "pci_nvme_map_prp"
-    trans_len: int
-    len: int
-    prp1: int
-    prp2: int
-    num_prps: int
+    FORMAT: ClassVar[str | None] = (
+        r"trans_len {trans_len} len {len} prp1 0x{prp1} prp2 0x{prp2} num_prps {num_prps}"
+    )
+    trans_len: U64
+    len: U32
+    prp1: X64
+    prp2: X64
+    num_prps: S32
 
 
 @dataclass(frozen=True, slots=True)
@@ -414,11 +642,12 @@ class NvmeRead(NvmeEvent):
     """``pci_nvme_read``: ``nlb`` blocks (``count`` bytes) from ``lba``."""
 
     NAME: ClassVar[str] = "pci_nvme_read"
-    cid: int
-    nsid: int
-    nlb: int
-    count: int
-    lba: int
+    FORMAT: ClassVar[str | None] = r"cid {cid} nsid {nsid} nlb {nlb} count {count} lba 0x{lba}"
+    cid: U16
+    nsid: U32
+    nlb: U32
+    count: U64
+    lba: X64
 
 
 @dataclass(frozen=True, slots=True)
@@ -426,48 +655,57 @@ class NvmeWrite(NvmeEvent):
     """``pci_nvme_write``: ``opname`` is "write" or "write zeroes"."""
 
     NAME: ClassVar[str] = "pci_nvme_write"
-    cid: int
-    opname: str
-    nsid: int
-    nlb: int
-    count: int
-    lba: int
+    FORMAT: ClassVar[str | None] = (
+        r"cid {cid} opname '{opname}' nsid {nsid} nlb {nlb} count {count} lba 0x{lba}"
+    )
+    cid: U16
+    opname: Text
+    nsid: U32
+    nlb: U32
+    count: U64
+    lba: X64
 
 
 @dataclass(frozen=True, slots=True)
 class NvmeIoCmd(NvmeEvent):
     NAME: ClassVar[str] = "pci_nvme_io_cmd"
-    cid: int
-    nsid: int
-    sqid: int
-    opc: int
-    opname: str
+    FORMAT: ClassVar[str | None] = r"cid {cid} nsid 0x{nsid} sqid {sqid} opc 0x{opc} opname '{opname}'"
+    cid: U16
+    nsid: X32
+    sqid: U16
+    opc: X8
+    opname: Text
 
 
 @dataclass(frozen=True, slots=True)
 class NvmeAdminCmd(NvmeEvent):
     NAME: ClassVar[str] = "pci_nvme_admin_cmd"
-    cid: int
-    sqid: int
-    opc: int
-    opname: str
+    FORMAT: ClassVar[str | None] = r"cid {cid} sqid {sqid} opc 0x{opc} opname '{opname}'"
+    cid: U16
+    sqid: U16
+    opc: X8
+    opname: Text
 
 
 @dataclass(frozen=True, slots=True)
 class NvmeRwCb(NvmeEvent):
     NAME: ClassVar[str] = "pci_nvme_rw_cb"
-    cid: int
-    blk: str
+    FORMAT: ClassVar[str | None] = r"cid {cid} blk '{blk}'"
+    cid: U16
+    blk: Text
 
 
 @dataclass(frozen=True, slots=True)
 class NvmeEnqueueReqCompletion(NvmeEvent):
     NAME: ClassVar[str] = "pci_nvme_enqueue_req_completion"
-    cid: int
-    cqid: int
-    dw0: int
-    dw1: int
-    status: int
+    FORMAT: ClassVar[str | None] = (
+        r"cid {cid} cqid {cqid} dw0 0x{dw0} dw1 0x{dw1} status 0x{status}"
+    )
+    cid: U16
+    cqid: U16
+    dw0: X32
+    dw1: X32
+    status: X16
 
 
 @dataclass(frozen=True, slots=True)
@@ -475,11 +713,15 @@ class NvmeCreateSq(NvmeEvent):
     """``pci_nvme_create_sq``: ``addr`` is the queue's IOVA."""
 
     NAME: ClassVar[str] = "pci_nvme_create_sq"
-    addr: int
-    sqid: int
-    cqid: int
-    qsize: int
-    qflags: int
+    FORMAT: ClassVar[str | None] = (
+        r"create submission queue, addr=0x{addr}, sqid={sqid}, cqid={cqid}, "
+        r"qsize={qsize}, qflags={qflags}"
+    )
+    addr: X64
+    sqid: U16
+    cqid: U16
+    qsize: U16
+    qflags: U16
 
 
 @dataclass(frozen=True, slots=True)
@@ -487,12 +729,16 @@ class NvmeCreateCq(NvmeEvent):
     """``pci_nvme_create_cq``: ``addr`` is the queue's IOVA."""
 
     NAME: ClassVar[str] = "pci_nvme_create_cq"
-    addr: int
-    cqid: int
-    vector: int
-    qsize: int
-    qflags: int
-    ien: int
+    FORMAT: ClassVar[str | None] = (
+        r"create completion queue, addr=0x{addr}, cqid={cqid}, vector={vector}, "
+        r"qsize={qsize}, qflags={qflags}, ien={ien}"
+    )
+    addr: X64
+    cqid: U16
+    vector: U16
+    qsize: U16
+    qflags: U16
+    ien: S32
 
 
 @dataclass(frozen=True, slots=True)
@@ -505,6 +751,48 @@ class NvmeError(NvmeEvent):
     @property
     def name(self) -> str:
         return self.trace_name
+
+
+# --------------------------------------------------------------------------
+# dma-helpers (system/dma-helpers.c; widths from trace-events)
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class DmaBlkIo(DmaEvent):
+    """``dma_blk_io``: a block request starts; ``to_dev`` True means the device reads
+    guest memory (a disk write), False that it writes guest memory (a disk read).
+    ``dbs`` identifies the request (a host pointer) in later events."""
+
+    NAME: ClassVar[str] = "dma_blk_io"
+    FORMAT: ClassVar[str | None] = r"dbs={dbs} bs={bs} offset={offset} to_dev={to_dev}"
+    dbs: Ptr
+    bs: Ptr
+    offset: S64
+    to_dev: Flag
+
+
+@dataclass(frozen=True, slots=True)
+class DmaBlkCb(DmaEvent):
+    """``dma_blk_cb``: the request's next step; it maps the rest of its
+    scatter-gather list (``dma_memory_map``, one IOMMU translation a page)
+    before the next trace event."""
+
+    NAME: ClassVar[str] = "dma_blk_cb"
+    FORMAT: ClassVar[str | None] = r"dbs={dbs} ret={ret}"
+    dbs: Ptr
+    ret: S32
+
+
+@dataclass(frozen=True, slots=True)
+class DmaComplete(DmaEvent):
+    """``dma_complete``: the request is done (its mappings are released)."""
+
+    NAME: ClassVar[str] = "dma_complete"
+    FORMAT: ClassVar[str | None] = r"dbs={dbs} ret={ret} cb={cb}"
+    dbs: Ptr
+    ret: S32
+    cb: Ptr
 
 
 # --------------------------------------------------------------------------
@@ -531,11 +819,20 @@ class UnknownEvent(Event):
 
 @dataclass(frozen=True, slots=True)
 class MalformedEvent(Event):
-    """A known event name whose arguments do not match its format (another
-    QEMU version, or a line cut short)."""
+    """A line the parser could not type although it should have: a known event
+    name whose arguments do not match its format or hold a value wider than
+    its field (another QEMU version, a line cut short, corruption), or a line
+    longer than the parser's limit.
+
+    ``trace_name`` is the event name, or ``""`` when an over-long line's name
+    could not be read; ``text`` the argument text (for an over-long line, a
+    prefix of it; ``raw`` is then a prefix too); ``reason`` says what was
+    wrong (empty when the arguments simply did not match the format).
+    """
 
     trace_name: str
     text: str
+    reason: str = ""
 
     @property
     def name(self) -> str:
@@ -545,45 +842,10 @@ class MalformedEvent(Event):
     def is_vtd(self) -> bool:
         return self.trace_name.startswith("vtd_")
 
-
-@dataclass(frozen=True, slots=True)
-class DmaEvent(Event):
-    """Base of QEMU's dma-helpers events (system/dma-helpers.c: block DMA through
-    a scatter-gather list, as hw/nvme uses for PRP-described data)."""
-
-
-@dataclass(frozen=True, slots=True)
-class DmaBlkIo(DmaEvent):
-    """``dma_blk_io``: a block request starts; ``to_dev`` True means the device reads
-    guest memory (a disk write), False that it writes guest memory (a disk read).
-    ``dbs`` identifies the request (a host pointer) in later events."""
-
-    NAME: ClassVar[str] = "dma_blk_io"
-    dbs: int
-    bs: int
-    offset: int
-    to_dev: bool
-
-
-@dataclass(frozen=True, slots=True)
-class DmaBlkCb(DmaEvent):
-    """``dma_blk_cb``: the request's next step; it maps the rest of its
-    scatter-gather list (``dma_memory_map``, one IOMMU translation a page)
-    before the next trace event."""
-
-    NAME: ClassVar[str] = "dma_blk_cb"
-    dbs: int
-    ret: int
-
-
-@dataclass(frozen=True, slots=True)
-class DmaComplete(DmaEvent):
-    """``dma_complete``: the request is done (its mappings are released)."""
-
-    NAME: ClassVar[str] = "dma_complete"
-    dbs: int
-    ret: int
-    cb: int
+    @property
+    def family(self) -> str:
+        """:func:`event_family` of the name (:data:`NO_FAMILY` if there is none)."""
+        return event_family(self.trace_name)
 
 
 EVENT_CLASSES: Final[tuple[type[Event], ...]] = (
@@ -615,7 +877,7 @@ EVENT_CLASSES: Final[tuple[type[Event], ...]] = (
     DmaBlkCb,
     DmaComplete,
 )
-"""Every event class with a fixed trace name (not the catch-alls)."""
+"""Every event class with a fixed trace name and ``FORMAT`` (not the catch-alls)."""
 
 TRACE_EVENTS: Final[tuple[str, ...]] = tuple(cls.NAME for cls in EVENT_CLASSES) + (
     "pci_nvme_err_*",
