@@ -44,6 +44,7 @@ import gzip
 import lzma
 import os
 import re
+import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import IO, ClassVar, Final, TypedDict
@@ -1139,7 +1140,11 @@ def parse_guest_file(path: str | os.PathLike[str]) -> Iterator[GuestEvent]:
     ``.gz`` and ``.xz`` files are decompressed on the fly; bytes that are not
     UTF-8 are replaced (U+FFFD); lines are split on ``\\n`` only.  Memory is
     bounded by :data:`MAX_LINE_CHARS` whatever the file holds.  Raises
-    ``OSError`` only if the file cannot be opened or read.
+    ``OSError`` only if the file cannot be opened or read (a damaged or
+    truncated compressed file included).
     """
     with _open_text(path) as fh:
-        yield from parse_guest_lines(_bounded_lines(fh))
+        try:
+            yield from parse_guest_lines(_bounded_lines(fh))
+        except (lzma.LZMAError, EOFError, zlib.error) as exc:
+            raise OSError(f"{os.fspath(path)}: damaged compressed file: {exc}") from exc

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import itertools
+import lzma
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -606,6 +607,19 @@ def test_parse_guest_file_replaces_bad_bytes_and_bounds_long_lines(tmp_path: Pat
 def test_parse_guest_file_missing_raises_oserror(tmp_path: Path) -> None:
     with pytest.raises(OSError):
         list(parse_guest_file(tmp_path / "absent"))
+
+
+@pytest.mark.parametrize("suffix, data", [
+    (".gz", gzip.compress(SAMPLE.encode())[:-30]),
+    (".xz", lzma.compress(SAMPLE.encode())[:-30]),
+    (".xz", b"not xz at all"),
+    (".gz", gzip.compress(SAMPLE.encode())[:20] + b"\xff" * 50),
+], ids=["gz-truncated", "xz-truncated", "xz-garbage", "gz-corrupt"])
+def test_damaged_compressed_file_is_oserror(tmp_path: Path, suffix: str, data: bytes) -> None:
+    path = tmp_path / f"trace{suffix}"
+    path.write_bytes(data)
+    with pytest.raises(OSError):
+        list(parse_guest_file(path))
 
 
 # ---------------------------------------------------------------------------
