@@ -307,7 +307,7 @@ def parse_line(line: str, lineno: int = 0) -> Event:
     than :data:`MAX_LINE_BYTES` characters, give ``MalformedEvent``.
     """
     try:
-        if len(line) > MAX_LINE_BYTES:
+        if len(line) > MAX_LINE_BYTES and (len(line) > MAX_LINE_BYTES + 1 or line[-1] != "\n"):
             return _overlong(lineno, line[:RAW_KEEP], len(line), "characters")
         raw = line.rstrip("\r\n")
         body = raw
