@@ -81,8 +81,10 @@ from harness.trace.guest import (
     GuestDmaMap,
     GuestDmaUnmap,
     GuestEvent,
+    GuestHeader,
     GuestIommuMap,
     GuestIommuUnmap,
+    GuestLostEvents,
     GuestMalformedEvent,
     GuestQiSubmit,
 )
@@ -229,7 +231,7 @@ class GuestIntentChecker:
                  max_divergences: int = 20, context: int = 8) -> None:
         self._guest = guest
         self._sync = sync
-        self.counts = GuestIntentCounts(guest_events=len(guest), guest_lost_events=lost)
+        self.counts = GuestIntentCounts(guest_events=len(guest), guest_lost_events=lost + _lost_in(guest))
         self._log = DivergenceLog(max_divergences=max_divergences, context=context)
         self._window = BlockDmaWindow()
         ops, self.counts.unattributed_maps, self.counts.unattributed_unmaps = resolve_ops(guest)
@@ -504,6 +506,20 @@ class GuestIntentChecker:
                             "(register-based invalidations at boot are not traced by the guest)")
         self._report = self._log.report(CHECKER, c, warnings=warnings, inconclusive=inconclusive, title=TITLE)
         return self._report
+
+
+def _lost_in(guest: Sequence[GuestEvent]) -> int:
+    """Events the guest's ring buffer says it lost: ``[LOST N EVENTS]`` lines, and
+    an ``entries-in-buffer/entries-written`` header whose counts differ."""
+    lost = 0
+    for e in guest:
+        if isinstance(e, GuestLostEvents):
+            lost += e.count
+        elif isinstance(e, GuestHeader):
+            kept, written = e.entries_in_buffer, e.entries_written
+            if kept is not None and written is not None and written > kept:
+                lost += written - kept
+    return lost
 
 
 def _guest_line(event: object) -> TraceLine:

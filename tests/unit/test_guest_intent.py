@@ -246,3 +246,11 @@ def test_write_direction_and_lba_size_come_from_the_record() -> None:
 def test_no_io_recorded_is_not_a_data_check(records: list[dict[str, object]]) -> None:
     report = data(*one_read(), records)
     assert report.status == "inconclusive"
+
+
+def test_ring_buffer_that_overwrote_events_is_inconclusive() -> None:
+    """The trace's own header says the ring buffer wrapped: the record is incomplete."""
+    guest, host = one_read()
+    header = ["# tracer: nop", "#", "# entries-in-buffer/entries-written: 10/14   #P:1", "#"]
+    report = intent(header + guest, host)
+    assert report.status == "inconclusive" and any("lost 4 events" in r for r in report.inconclusive)
