@@ -34,6 +34,7 @@ from harness.options import ACCELS, OPTION_HELP
 from harness.errors import (
     AgentError,
     GuestBootTimeout,
+    GuestHung,
     GuestPanicked,
     HarnessError,
     ImageError,
@@ -267,7 +268,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except GuestBootTimeout as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_DIVERGENCE if exc.exitcode is not None else EXIT_USAGE
-    except (GuestPanicked, QEMUExited, WorkloadFailed, AgentError) as exc:
+    except (GuestPanicked, QEMUExited, GuestHung, WorkloadFailed, AgentError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_DIVERGENCE
     except (HarnessError, ImageError, VMError) as exc:

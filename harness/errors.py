@@ -14,6 +14,7 @@ Hierarchy::
           |    +-- GuestBootTimeout  the guest agent never answered, or QEMU exited
           |    +-- GuestPanicked     the guest kernel panicked (pvpanic / GUEST_PANICKED)
           |    +-- QEMUExited        QEMU exited while the guest was in use (crash, kill)
+          |    +-- GuestHung         an agent op got no answer in time (QEMU's run state attached)
           +-- AgentError        the guest agent answered with an error or garbage
 
 The reference models have their own roots (e.g. ``harness.models.iotlb.IOTLBError``)
@@ -118,6 +119,19 @@ class QEMUExited(GuestError):
 
     def __init__(self, message: str, *, exitcode: int | None, console_tail: Sequence[str] = ()):
         self.exitcode = exitcode
+        super().__init__(message, console_tail=console_tail)
+
+
+class GuestHung(GuestError):
+    """An agent op got no answer within its timeout: ``op``, ``seconds`` (the
+    timeout), ``qemu_state`` (QEMU's run state from QMP ``query-status``, or how
+    QEMU is not answering or ended)."""
+
+    def __init__(self, message: str, *, op: str, seconds: float, qemu_state: str,
+                 console_tail: Sequence[str] = ()):
+        self.op = op
+        self.seconds = seconds
+        self.qemu_state = qemu_state
         super().__init__(message, console_tail=console_tail)
 
 

@@ -21,6 +21,7 @@ writes a config that reproduces the same VM (used for failure artifacts).
 
 from __future__ import annotations
 
+import math
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,7 +113,9 @@ def scenario_from_table(data: dict[str, Any]) -> Scenario:
     if not isinstance(wl, dict):
         raise ConfigError("[workload] must be a table", key="workload")
     timeout = data.get("boot_timeout", 60.0)
-    if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout <= 0:
-        raise ConfigError(f"boot_timeout must be a positive number of seconds, not {timeout!r}", key="boot_timeout")
+    if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not math.isfinite(timeout) \
+            or not 0 < timeout <= 3600:
+        raise ConfigError(f"boot_timeout must be a finite number of seconds in (0, 3600], not {timeout!r}",
+                          key="boot_timeout")
     return Scenario(name=data["name"], machine=spec, workload=workload_from_table(wl),
                     description=str(data.get("description", "")), boot_timeout=float(timeout))

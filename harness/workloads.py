@@ -6,6 +6,7 @@ what the guest did and what the kernel returned)."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -16,6 +17,12 @@ from harness.vm.agent import AgentChannel
 
 class WorkloadFailed(HarnessError):
     """The guest-side operation did not do what it should (e.g. data did not verify)."""
+
+
+def _check_timeout(value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or not 0 < value <= 86400:
+        raise ConfigError(f"timeout must be a finite number of seconds in (0, 86400], not {value!r}", key="timeout")
 
 
 @dataclass(frozen=True)
@@ -47,6 +54,8 @@ class NvmePattern(Workload):
     rounds: int = 2
     seed: int = 1
     buffers: int = 2
+    timeout: float = 120.0
+    """Seconds each round may take in the guest before it is reported hung."""
 
     def __post_init__(self) -> None:
         for name in ("offset", "length", "chunk"):
@@ -56,6 +65,7 @@ class NvmePattern(Workload):
         for name in ("length", "chunk"):
             if getattr(self, name) == 0:
                 raise ConfigError(f"{name} must be > 0", key=name)
+        _check_timeout(self.timeout)
         if not 1 <= self.buffers <= 64:
             raise ConfigError(f"buffers must be 1..64, not {self.buffers}", key="buffers")
         if not 1 <= self.rounds <= 1000:
@@ -64,7 +74,7 @@ class NvmePattern(Workload):
     def run(self, agent: AgentChannel) -> list[dict[str, Any]]:
         records = []
         for r in range(self.rounds):
-            rec = agent.call("nvme.pattern_rw", timeout=300, device=self.device, offset=self.offset,
+            rec = agent.call("nvme.pattern_rw", timeout=self.timeout, device=self.device, offset=self.offset,
                              length=self.length, chunk=self.chunk, seed=self.seed + r, buffers=self.buffers)
             records.append({"op": "nvme.pattern_rw", **rec})
             if not rec.get("verified"):
@@ -81,9 +91,10 @@ class AgentOps(Workload):
 
     kind: ClassVar[str] = "agent-ops"
     ops: tuple[dict[str, Any], ...] = ()
-    timeout: float = 300.0
+    timeout: float = 120.0
 
     def __post_init__(self) -> None:
+        _check_timeout(self.timeout)
         for i, entry in enumerate(self.ops):
             if not isinstance(entry, dict) or not isinstance(entry.get("op"), str) \
                     or not isinstance(entry.get("args", {}), dict) or set(entry) - {"op", "args"}:

@@ -30,9 +30,11 @@ class SocketAgent:
     UNLOGGED = frozenset({"ping", "sysinfo", "tracefs.collect", "tracefs.status", "tracefs.mark"})
     """Ops left out of :attr:`calls` (liveness and the harness's own evidence collection)."""
 
-    def __init__(self, sock: socket.socket, check: Callable[[float], None]):
+    def __init__(self, sock: socket.socket, check: Callable[[float], None],
+                 on_timeout: Callable[[str, float], BaseException] | None = None):
         self._sock = sock
         self._check = check
+        self._on_timeout = on_timeout
         self._buf = bytearray()
         self._next_id = 1
         self.hello: dict[str, Any] | None = None
@@ -79,7 +81,9 @@ class SocketAgent:
 
         Raises:
             AgentError: the agent answered with an error (its type, errno, message).
-            TimeoutError: no answer within ``timeout`` seconds.
+            TimeoutError: no answer within ``timeout`` seconds -- or, when the channel
+                was made with ``on_timeout``, what that returns (the VM's
+                :class:`~harness.errors.GuestHung`, with QEMU's run state).
         """
         rid = self._next_id
         self._next_id += 1
@@ -91,7 +95,12 @@ class SocketAgent:
             raise AgentError(f"cannot send op {op!r} to the guest agent: {exc}", request=request) from exc
         deadline = time.monotonic() + timeout
         while True:
-            reply = self._read_message(deadline, f"op {op!r}")
+            try:
+                reply = self._read_message(deadline, f"op {op!r}")
+            except TimeoutError:
+                if self._on_timeout is None:
+                    raise
+                raise self._on_timeout(op, timeout) from None
             if reply.get("id") == rid:
                 break
         if not reply.get("ok"):

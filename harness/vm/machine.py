@@ -35,7 +35,15 @@ from typing import Any
 
 import paramiko
 
-from harness.errors import GuestBootTimeout, GuestPanicked, QEMUExited, QEMUNotFound, VMError, VMLaunchError
+from harness.errors import (
+    GuestBootTimeout,
+    GuestHung,
+    GuestPanicked,
+    QEMUExited,
+    QEMUNotFound,
+    VMError,
+    VMLaunchError,
+)
 from harness.vm import ssh as ssh_mod
 from harness.vm.agent import SocketAgent
 from harness.vm.console import Console, tail_lines
@@ -120,6 +128,9 @@ class VM:
     start: argv and output attached), GuestBootTimeout (last console lines),
     GuestPanicked. On any of them every resource is already released.
     """
+
+    QUIT_TIMEOUT = 1.5
+    """Seconds QMP ``quit`` may take before QEMU is SIGKILLed."""
 
     def __init__(self, spec: MachineSpec, images: BootImages, *, accel: str, qemu: str | None = None,
                  trace_events: Sequence[str] = (), guest_trace_events: Sequence[str] = (),
@@ -269,7 +280,7 @@ class VM:
             agent_sock.connect(str(self.path("agent.sock")))
         except (OSError, VMError) as exc:
             self._reap_failed_launch(f"cannot connect to QEMU's sockets: {exc}")
-        self._agent = SocketAgent(agent_sock, self.check_alive)
+        self._agent = SocketAgent(agent_sock, self.check_alive, self._hung)
 
     def _reap_failed_launch(self, message: str) -> None:
         self._kill()
@@ -299,6 +310,27 @@ class VM:
                 f"{self.name}: QEMU exited with status {self.exitcode}"
                 + (f"; QEMU said: {qemu_out[-500:]}" if qemu_out else ""),
                 exitcode=self.exitcode, console_tail=self.console_tail(25))
+
+    def run_state(self) -> str:
+        """QEMU's state in a few words: its QMP ``query-status`` (``running``,
+        ``paused``, ``shutdown``, ...), or that it exited or does not answer QMP
+        (within 1 s)."""
+        if self._proc is not None and self._proc.poll() is not None:
+            code = self._proc.returncode
+            return f"exited ({'killed by signal ' + str(-code) if code < 0 else 'status ' + str(code)})"
+        if self._qmp is None:
+            return "QMP not connected"
+        try:
+            status = self._qmp.cmd("query-status", timeout=1.0)
+        except VMError:
+            return "not answering QMP (stopped, e.g. by SIGSTOP, or hung)"
+        return str(status.get("status", status)) if isinstance(status, dict) else str(status)
+
+    def _hung(self, op: str, seconds: float) -> GuestHung:
+        state = self.run_state()
+        return GuestHung(f"{self.name}: guest agent op {op!r} got no answer within {seconds:g}s; "
+                         f"QEMU is {state}", op=op, seconds=seconds, qemu_state=state,
+                         console_tail=self.console_tail(25))
 
     def wait_ready(self, timeout: float | None = None) -> float:
         """Wait for the guest agent's hello; return seconds since QEMU started.
@@ -366,13 +398,17 @@ class VM:
                     closer.close()
         self._ssh = self._console = None
         self._agent = None
+        quit_ok = False
         if self._proc is not None and self._proc.poll() is None and self._qmp is not None:
-            with contextlib.suppress(VMError):
-                self._qmp.cmd("quit", timeout=3)
+            try:
+                self._qmp.cmd("quit", timeout=self.QUIT_TIMEOUT)
+                quit_ok = True
+            except VMError:
+                pass  # not answering QMP: no point waiting for it to quit
         if self._qmp is not None:
             self._qmp.close()
             self._qmp = None
-        if self._proc is not None:
+        if self._proc is not None and quit_ok:
             try:
                 self._proc.wait(self.kill_timeout)
             except subprocess.TimeoutExpired:

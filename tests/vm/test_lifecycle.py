@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.errors import GuestBootTimeout, GuestPanicked, QEMUExited, VMError
+from harness.errors import GuestBootTimeout, GuestHung, GuestPanicked, QEMUExited, VMError
 from harness.vm import IntelIommu, MachineSpec, NvmeController
 from tests.vm.conftest import harness_qemu_pids, own_run_dirs
 
@@ -27,6 +27,26 @@ def test_qemu_crash_is_reported_and_cleaned_up(dma_harness, no_leftovers):
             vm.agent.call("ping", timeout=10)
     assert vm.exitcode == -signal.SIGKILL
     assert not run_dir.exists()
+
+
+def test_stopped_qemu_is_reported_within_seconds_with_its_state(dma_harness, no_leftovers):
+    """QEMU stopped (SIGSTOP) during an op: GuestHung within 5 s of the op's timeout,
+    naming the op and QEMU's state; the teardown SIGKILLs it within 2 s of the quit attempt."""
+    with pytest.raises(GuestHung) as info:
+        with dma_harness.vm(SPEC, name="stopped", trace=False) as vm:
+            os.kill(vm.pid, signal.SIGSTOP)
+            t0 = time.monotonic()
+            try:
+                vm.agent.call("nvme.pattern_rw", timeout=3, length=65536, chunk=65536)
+            finally:
+                reported = time.monotonic() - t0
+                t1 = time.monotonic()
+                vm.shutdown()
+                torn_down = time.monotonic() - t1
+    assert info.value.op == "nvme.pattern_rw" and info.value.seconds == 3
+    assert "not answering QMP" in info.value.qemu_state and "not answering QMP" in str(info.value)
+    assert reported < 3 + 5, reported
+    assert torn_down < 2 + 1, torn_down
 
 
 def test_boot_timeout_reports_console_and_cleans_up(dma_harness, no_leftovers):
