@@ -86,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     isub = images.add_subparsers(dest="images", required=True)
     b = isub.add_parser("build", help="build (or reuse) kernel, root filesystem and SSH key")
     b.add_argument("--refresh", action="store_true", help="rebuild even if cached")
+    b.add_argument("--patch", metavar="NAME", help="build only the kernel variant with the planted-bug patch "
+                                                     "images/patches/NAME.patch (for the opt-in planted-bug tests)")
     _common(b)
     s = isub.add_parser("show", help="print what is cached where")
     _common(s)
@@ -175,11 +177,15 @@ def cmd_bench_iotlb(args: argparse.Namespace) -> int:
 
 def cmd_images(args: argparse.Namespace) -> int:
     from harness.images.cache import ImageCache, recipes_dir
-    from harness.images.kernel import ensure_kernel, recipe_key
+    from harness.images.kernel import ensure_kernel, kernel_patches, recipe_key
     from harness.images.rootfs import base_key, ensure_initrd
     from harness.images.sshkey import ensure_ssh_key
     cache = ImageCache(args.cache)
     if args.images == "build":
+        if args.patch:  # a planted-bug kernel only (the rest is shared with the project's kernel)
+            kernel = ensure_kernel(cache, refresh=args.refresh, patch=args.patch)
+            print(f"kernel:  {kernel.bzimage} ({kernel.origin})")
+            return 0
         kernel = ensure_kernel(cache, refresh=args.refresh)
         key = ensure_ssh_key(cache)
         initrd = ensure_initrd(cache, key, refresh=args.refresh)
@@ -193,6 +199,10 @@ def cmd_images(args: argparse.Namespace) -> int:
     for kind, entry_key in (("kernel", recipe_key()), ("rootfs", base_key())):
         state = "built" if cache.complete(kind, entry_key) else "not built"
         print(f"  {kind:7s} {cache.entry(kind, entry_key)}  [{state}]")
+    for patch in kernel_patches():
+        entry_key = recipe_key(patch)
+        state = "built" if cache.complete("kernel", entry_key) else f"not built: images build --patch {patch}"
+        print(f"  kernel + {patch}.patch {cache.entry('kernel', entry_key)}  [{state}]")
     ssh_key = cache.path("ssh", "id_ed25519")
     print(f"  ssh key {ssh_key}  [{'present' if ssh_key.is_file() else 'not generated'}]")
     return 0

@@ -90,38 +90,63 @@ def missing_options(options: Mapping[str, str], required: Sequence[str] | None =
     return [name for name in (required_options() if required is None else required) if options.get(name) != "y"]
 
 
-def recipe_key() -> str:
+def kernel_patches() -> list[str]:
+    """Names of the planted-bug patches in images/patches/ (``NAME.patch``)."""
+    folder = recipes_dir() / "patches"
+    return sorted(p.name[:-len(".patch")] for p in folder.iterdir() if p.name.endswith(".patch")) \
+        if folder.is_dir() else []
+
+
+def _patch_file(name: str) -> bytes:
+    if name not in kernel_patches():
+        raise ImageError(f"unknown kernel patch {name!r} (known: {', '.join(kernel_patches()) or 'none'})")
+    return (recipes_dir() / "patches" / f"{name}.patch").read_bytes()
+
+
+def recipe_key(patch: str | None = None) -> str:
+    """The cache key of the project's kernel, or of a variant with the planted-bug
+    patch ``patch`` (images/patches/PATCH.patch) applied to the source before the build.
+
+    Raises ImageError for an unknown patch name.
+    """
     r = recipes_dir()
-    return content_key({
+    recipe: dict[str, object] = {
         "recipe": RECIPE_VERSION,
         "package": KERNEL_PACKAGE,
         "suite": KERNEL_SUITE,
         "fragment": (r / "kernel.fragment").read_bytes(),
         "required": (r / "kernel.required").read_bytes(),
-    })
+    }
+    if patch is not None:
+        recipe["patch"] = _patch_file(patch)
+    return content_key(recipe)
 
 
-def ensure_kernel(cache: ImageCache, *, refresh: bool = False, jobs: int | None = None) -> KernelImage:
-    """Return the cached kernel, building it first if needed (about 9 min on 2 cores)."""
-    key = recipe_key()
+def ensure_kernel(cache: ImageCache, *, refresh: bool = False, jobs: int | None = None,
+                  patch: str | None = None) -> KernelImage:
+    """Return the cached kernel (with ``patch`` applied, if given), building it first
+    if needed (about 9 min on 2 cores)."""
+    key = recipe_key(patch)
     with cache.lock("kernel", key):
         if refresh and cache.complete("kernel", key):
             shutil.rmtree(cache.entry("kernel", key))
         if not cache.complete("kernel", key):
-            _build(cache, key, jobs or os.cpu_count() or 1)
-    kernel = cached_kernel(cache)
+            _build(cache, key, jobs or os.cpu_count() or 1, patch)
+    kernel = cached_kernel(cache, patch=patch)
     assert kernel is not None
     return kernel
 
 
-def cached_kernel(cache: ImageCache) -> KernelImage | None:
-    """The project's kernel if it is built and cached, else None; never builds."""
-    key = recipe_key()
+def cached_kernel(cache: ImageCache, *, patch: str | None = None) -> KernelImage | None:
+    """The project's kernel (or its ``patch`` variant) if it is built and cached, else None; never builds."""
+    key = recipe_key(patch)
     if not cache.complete("kernel", key):
         return None
     entry = cache.entry("kernel", key)
     manifest = cache.manifest("kernel", key)
-    return KernelImage(entry / "bzImage", entry / "config", f"built {key} ({KERNEL_PACKAGE} {manifest['version']})")
+    variant = f" + {patch}.patch" if patch else ""
+    return KernelImage(entry / "bzImage", entry / "config",
+                       f"built {key} ({KERNEL_PACKAGE} {manifest['version']}{variant})")
 
 
 KernelNeeds = Mapping[str, Sequence[str]]
@@ -240,7 +265,7 @@ def _apt_options(cache: ImageCache) -> list[str]:
     ]
 
 
-def _build(cache: ImageCache, key: str, jobs: int) -> None:
+def _build(cache: ImageCache, key: str, jobs: int, patch: str | None = None) -> None:
     started = time.monotonic()
     build = cache.path("kernel", f"{key}.build")
     shutil.rmtree(build, ignore_errors=True)
@@ -268,6 +293,10 @@ def _build(cache: ImageCache, key: str, jobs: int) -> None:
                                       "-C", build], log=log)
     shutil.rmtree(build / "deb")
     src = next(p for p in build.iterdir() if p.is_dir() and p.name.startswith("linux-source"))
+    if patch is not None:
+        patch_path = build / f"{patch}.patch"
+        patch_path.write_bytes(_patch_file(patch))
+        run_step(f"apply {patch}.patch", ["patch", "-p1", "--forward", "-d", src, "-i", patch_path], log=log)
     run_step("make defconfig", ["make", "-C", src, "defconfig"], log=log)
     run_step("make kvm_guest.config", ["make", "-C", src, "kvm_guest.config"], log=log)
     with as_file(recipes_dir() / "kernel.fragment") as fragment:
@@ -286,7 +315,7 @@ def _build(cache: ImageCache, key: str, jobs: int) -> None:
         shutil.copy2(src / ".config", out / "config")
         shutil.copy2(log, out / "build.log")
         (out / "manifest.json").write_text(json.dumps({
-            "key": key, "package": KERNEL_PACKAGE, "suite": KERNEL_SUITE, "version": version,
+            "key": key, "package": KERNEL_PACKAGE, "suite": KERNEL_SUITE, "version": version, "patch": patch,
             "deb_sha256": _sha256(deb), "build_seconds": round(time.monotonic() - started, 1),
             "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }, indent=2) + "\n")
