@@ -88,7 +88,7 @@ asking for more is reported as corrupt."""
 _SKIP_CHUNK: Final = 1024 * 1024
 _READ_CHUNK: Final = 64 * 1024
 _XZ_MAGIC: Final = b"\xfd7zXZ\x00"
-_GZ_MAGIC: Final = b"\x1f\x8b"
+_GZ_MAGIC: Final = b"\x1f\x8b\x08"  # ID1 ID2 and CM = deflate, the only method defined
 _ZSTD_MAGIC: Final = b"\x28\xb5\x2f\xfd"
 _BZ2_MAGIC: Final = re.compile(rb"BZh[1-9](?:1AY&SY|\x17rE8P\x90)")
 _DECODE_ERRORS: Final = (EOFError, lzma.LZMAError, zlib.error, gzip.BadGzipFile)
@@ -553,8 +553,9 @@ def parse_file(
 ) -> Iterator[Event]:
     """Yield the events of a trace file, streaming (line numbers start at 1).
 
-    gzip and xz files are recognised by their magic bytes and decompressed on
-    the fly.  Bytes that are not UTF-8 are replaced (U+FFFD).  Lines are split
+    gzip and xz files are recognised by their magic bytes (whatever their
+    name; a plain file that starts with them is taken for compressed, which
+    QEMU's text never does) and decompressed on the fly.  Bytes that are not UTF-8 are replaced (U+FFFD).  Lines are split
     on ``\\n`` only.  Memory stays bounded whatever the input: a line longer
     than :data:`MAX_LINE_BYTES` is skipped in chunks and gives one
     ``MalformedEvent``.  If ``stats`` is given it is updated as lines are
