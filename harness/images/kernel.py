@@ -21,13 +21,13 @@ from __future__ import annotations
 import glob
 import gzip
 import hashlib
-import io
 import json
 import lzma
 import os
 import shutil
 import time
 import warnings
+import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib.resources import as_file
@@ -110,7 +110,7 @@ def recipe_key(patch: str | None = None) -> str:
     Raises ImageError for an unknown patch name.
     """
     r = recipes_dir()
-    recipe: dict[str, object] = {
+    recipe: dict[str, str | bytes] = {
         "recipe": RECIPE_VERSION,
         "package": KERNEL_PACKAGE,
         "suite": KERNEL_SUITE,
@@ -232,12 +232,13 @@ def extract_ikconfig(bzimage: Path) -> str | None:
         pos = data.find(magic)
         while pos != -1 and len(candidates) < 8:
             try:
+                # One stream, whatever follows it (the rest of the bzImage is not gzip).
                 if opener == "gzip":
-                    candidates.append(gzip.GzipFile(fileobj=io.BytesIO(data[pos:]), mode="rb").read())
+                    candidates.append(zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(data[pos:]))
                 else:
                     candidates.append(lzma.LZMADecompressor().decompress(data[pos:]))
                 break
-            except (OSError, EOFError, lzma.LZMAError):
+            except (zlib.error, EOFError, lzma.LZMAError):
                 pos = data.find(magic, pos + 1)
     for blob in candidates:
         i = blob.find(b"IKCFG_ST")

@@ -164,6 +164,20 @@ def test_doctor_and_images_show_build_nothing(tmp_path):
     assert not cache.exists() and cached_kernel(ImageCache(cache)) is None
 
 
+def test_user_kernel_config_is_read_from_its_embedded_ikconfig(tmp_path):
+    """A gzip-compressed kernel image with IKCONFIG, followed by more data, as in a bzImage."""
+    import gzip
+    config = "CONFIG_INTEL_IOMMU=y\n# CONFIG_XEN is not set\n"
+    vmlinux = b"\x90" * 512 + b"IKCFG_ST" + gzip.compress(config.encode()) + b"IKCFG_ED" + b"\x90" * 512
+    bz = tmp_path / "bzImage"
+    bz.write_bytes(b"\0" * 2048 + gzip.compress(vmlinux) + b"\xff" * 4096)
+    kernel = read_user_kernel(bz)
+    assert kernel.config is None and kernel.options() == {"INTEL_IOMMU": "y", "XEN": "n"}
+    check_kernel(kernel, {"INTEL_IOMMU": ["intel-iommu"]})
+    with pytest.raises(KernelConfigError, match=r"CONFIG_XEN \(needed by xen\)"):
+        check_kernel(kernel, {"XEN": ["xen"]})
+
+
 def test_user_kernel_without_readable_config_warns(tmp_path):
     bz = tmp_path / "bzImage"
     bz.write_bytes(os.urandom(4096))
