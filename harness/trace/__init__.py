@@ -54,7 +54,7 @@ from harness.trace.events import (
     slpte_perm,
 )
 from harness.trace.parser import (
-    MAX_LINE_BYTES,
+    MAX_LINE_CHARS,
     ParseStats,
     TraceReadError,
     parse_file,
@@ -65,7 +65,7 @@ from harness.trace.parser import (
 
 __all__ = [
     "EVENT_CLASSES",
-    "MAX_LINE_BYTES",
+    "MAX_LINE_CHARS",
     "NO_FAMILY",
     "TRACE_EVENTS",
     "ContextCacheReset",

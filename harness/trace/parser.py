@@ -22,7 +22,7 @@ Nothing here raises on input text: :func:`parse_line` returns an
 is not a trace line (QEMU warnings share the ``-D`` file), and a
 :class:`~harness.trace.events.MalformedEvent` for a known name whose arguments
 do not match or hold a value wider than its field, and for a line longer than
-:data:`MAX_LINE_BYTES` (read in bounded memory, its ``raw`` cut short).
+:data:`MAX_LINE_CHARS` (read in bounded memory, its ``raw`` cut short).
 
 Errors (:func:`parse_file` only, about the file itself)::
 
@@ -36,6 +36,7 @@ Errors (:func:`parse_file` only, about the file itself)::
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import gzip
 import io
@@ -62,7 +63,7 @@ from harness.trace.events import (
 )
 
 __all__ = [
-    "MAX_LINE_BYTES",
+    "MAX_LINE_CHARS",
     "ParseStats",
     "TraceReadError",
     "parse_line",
@@ -72,11 +73,11 @@ __all__ = [
     "TRACE_EVENTS",
 ]
 
-MAX_LINE_BYTES: Final = 64 * 1024
-"""Longest line (without its newline) the parser reads whole.  A longer line
-(characters, for :func:`parse_line`) becomes one ``MalformedEvent`` whose
-``raw`` is its first :data:`RAW_KEEP` characters; the rest is skipped
-without being held in memory."""
+MAX_LINE_CHARS: Final = 64 * 1024
+"""Longest line, in characters without its newline, the parser reads whole.
+A longer line becomes one ``MalformedEvent`` whose ``raw`` is its first
+:data:`RAW_KEEP` characters; :func:`parse_file` skips the rest without
+holding it in memory."""
 RAW_KEEP: Final = 1024
 """Characters of an over-long line kept in its ``MalformedEvent.raw``."""
 FIRST_MALFORMED_CHARS: Final = 200
@@ -85,7 +86,7 @@ XZ_MEMLIMIT: Final = 128 * 1024 * 1024
 """Most memory the xz decoder may use (``xz -9`` needs 65 MiB); a file
 asking for more is reported as corrupt."""
 
-_SKIP_CHUNK: Final = 1024 * 1024
+_BLOCK: Final = 64 * 1024  # decompressed bytes read at once (one raw read)
 _READ_CHUNK: Final = 64 * 1024
 _XZ_MAGIC: Final = b"\xfd7zXZ\x00"
 _GZ_MAGIC: Final = b"\x1f\x8b\x08"  # ID1 ID2 and CM = deflate, the only method defined
@@ -281,8 +282,8 @@ _NVME_ERR: Final = "pci_nvme_err_"
 # --------------------------------------------------------------------------
 
 
-def _overlong(lineno: int, head: str, size: int, unit: str) -> MalformedEvent:
-    """The event of a line of ``size`` bytes/characters of which ``head`` was kept."""
+def _overlong(lineno: int, head: str, size: int) -> MalformedEvent:
+    """The event of a line of ``size`` characters of which ``head`` was kept."""
     raw = head[:RAW_KEEP].rstrip("\r\n")
     body = raw
     m = _TS_PREFIX(body)
@@ -293,7 +294,7 @@ def _overlong(lineno: int, head: str, size: int, unit: str) -> MalformedEvent:
         name, rest = "", body
     return MalformedEvent(
         lineno, raw, name, rest,
-        f"line of {size} {unit} is longer than the {MAX_LINE_BYTES}-byte limit; "
+        f"line of {size} characters is longer than the {MAX_LINE_CHARS}-character limit; "
         f"its first {len(raw)} characters are kept",
     )
 
@@ -304,11 +305,11 @@ def parse_line(line: str, lineno: int = 0) -> Event:
     ``line`` may end with a newline (stripped from ``raw``).  Never raises:
     unknown names and non-trace lines give ``UnknownEvent``; known names with
     non-matching arguments or a value wider than its field, and lines longer
-    than :data:`MAX_LINE_BYTES` characters, give ``MalformedEvent``.
+    than :data:`MAX_LINE_CHARS` characters, give ``MalformedEvent``.
     """
     try:
-        if len(line) > MAX_LINE_BYTES and (len(line) > MAX_LINE_BYTES + 1 or line[-1] != "\n"):
-            return _overlong(lineno, line[:RAW_KEEP], len(line), "characters")
+        if len(line) > MAX_LINE_CHARS and (len(line) > MAX_LINE_CHARS + 1 or line[-1] != "\n"):
+            return _overlong(lineno, line[:RAW_KEEP], len(line))
         raw = line.rstrip("\r\n")
         body = raw
         if body[:1].isdigit():
@@ -356,7 +357,7 @@ class ParseStats:
     """Family -> (line number, first 200 characters of the raw line) of its
     first malformed line."""
     overlong: int = 0
-    """Lines longer than :data:`MAX_LINE_BYTES` (also counted in ``malformed``)."""
+    """Lines longer than :data:`MAX_LINE_CHARS` (also counted in ``malformed``)."""
     truncated: bool = False
     """The last line had no newline (QEMU killed mid-write), or a compressed
     stream ended before its end marker (:func:`parse_file` only)."""
@@ -553,20 +554,20 @@ def parse_file(
 ) -> Iterator[Event]:
     """Yield the events of a trace file, streaming (line numbers start at 1).
 
-    gzip and xz files are recognised by their magic bytes (whatever their
-    name; a plain file that starts with them is taken for compressed, which
-    QEMU's text never does) and decompressed on the fly.  Bytes that are not UTF-8 are replaced (U+FFFD).  Lines are split
-    on ``\\n`` only.  Memory stays bounded whatever the input: a line longer
-    than :data:`MAX_LINE_BYTES` is skipped in chunks and gives one
+    gzip and xz files are recognised by their magic bytes, whatever their
+    name (a plain file that starts with them is taken for compressed, which
+    QEMU's text never does), and decompressed on the fly.  Bytes that are not
+    UTF-8 are replaced (U+FFFD).  Lines are split on ``\\n`` only.  Memory
+    stays bounded whatever the input: a line longer than
+    :data:`MAX_LINE_CHARS` is skipped block by block and gives one
     ``MalformedEvent``.  If ``stats`` is given it is updated as lines are
     consumed (``truncated`` is set if the last line has no newline).
 
-    Raises (from the generator, at the first ``next`` for the file itself):
-    ``OSError`` if the file cannot be opened or read; :class:`TraceReadError`
-    if it is not a regular file (checked before opening: a FIFO never
-    blocks), is compressed with another tool, or is a compressed stream that
-    is truncated or corrupt -- then after yielding every event read before
-    the damage.
+    Raises (from the generator) ``OSError`` if the file cannot be opened or
+    read, and :class:`TraceReadError` if it is not a regular file (checked
+    before opening: a FIFO never blocks), is compressed with another tool, or
+    is a compressed stream that is truncated or corrupt: then after yielding
+    every line decoded before the damage, the last one cut short.
     """
     name = os.fspath(path)
     if stats is None:
@@ -577,54 +578,82 @@ def parse_file(
 
 
 def _parse_stream(fh: io.BufferedIOBase, name: str, fmt: str, stats: ParseStats) -> Iterator[Event]:
-    readline = fh.readline
-    limit = MAX_LINE_BYTES + 1
+    """The events of the decompressed bytes of ``fh``, read in blocks.
+
+    Each block is decoded at once and split on ``\\n``; the unfinished last
+    line is carried to the next block, and once it passes
+    :data:`MAX_LINE_CHARS` only its head is kept while the rest is skipped.
+    One raw read a block (``read1``), so a decompressor error loses nothing
+    that was decoded before it: the unfinished line is yielded, then the
+    :class:`TraceReadError` raised.
+    """
+    read = fh.read1
+    decode = codecs.getincrementaldecoder("utf-8")("replace").decode
+    parse = parse_line
+    limit = MAX_LINE_CHARS
     by_name = stats.by_name
     lineno = 0
+    carry = ""  # the line being read (no newline yet)
+    head = ""  # the start of an over-long line being skipped
+    skipped = 0  # characters of that line so far (0: not skipping)
+    failure: BaseException | None = None  # the decompressor's, raised after the last line
     while True:
         try:
-            chunk = readline(limit)
+            block = read(_BLOCK)
         except _DECODE_ERRORS as exc:
-            if isinstance(exc, EOFError):
+            stats.truncated = stats.truncated or isinstance(exc, EOFError)
+            failure = exc
+            block = b""
+        final = not block
+        stats.bytes_read += len(block)
+        text = decode(block, final)
+        if skipped:
+            newline = text.find("\n")
+            if newline < 0 and not final:
+                skipped += len(text)
+                continue
+            lineno += 1
+            if newline < 0:
+                skipped += len(text)
+                text = ""
                 stats.truncated = True
-            raise _decode_error(name, fmt, exc, lineno) from exc
-        if not chunk:
-            return
-        lineno += 1
-        size = len(chunk)
-        if chunk[-1] == 10:  # b"\n"
-            event = parse_line(chunk.decode("utf-8", "replace"), lineno)
-        elif size < limit:  # end of data without a newline
-            stats.truncated = True
-            event = parse_line(chunk.decode("utf-8", "replace"), lineno)
-        else:
-            head = chunk[: RAW_KEEP * 4].decode("utf-8", "replace")
-            del chunk
-            more = b""
-            try:
-                while True:
-                    more = readline(_SKIP_CHUNK)
-                    size += len(more)
-                    if not more or more[-1] == 10:
-                        break
-            except _DECODE_ERRORS as exc:
-                if isinstance(exc, EOFError):
-                    stats.truncated = True
-                raise _decode_error(name, fmt, exc, lineno - 1) from exc
-            if more[-1:] == b"\n":
-                length = size - 1
             else:
-                length = size
-                stats.truncated = True
-            event = _overlong(lineno, head, length, "bytes")
-        stats.bytes_read += size
-        stats.lines += 1
-        ename = event.NAME
-        if ename:
-            by_name[ename] = by_name.get(ename, 0) + 1
-        else:
+                skipped += newline
+                text = text[newline + 1 :]
+            event: Event = _overlong(lineno, head, skipped)
+            skipped = 0
+            stats.lines += 1
             stats._count_other(event)
-        yield event
+            yield event
+        lines = (carry + text).split("\n") if carry else text.split("\n")
+        carry = lines.pop()
+        for line in lines:
+            lineno += 1
+            event = parse(line, lineno)
+            stats.lines += 1
+            ename = event.NAME
+            if ename:
+                by_name[ename] = by_name.get(ename, 0) + 1
+            else:
+                stats._count_other(event)
+            yield event
+        if final:
+            if carry:  # the last line has no newline: QEMU was killed mid-write
+                stats.truncated = True
+                lineno += 1
+                event = parse(carry, lineno)
+                stats.lines += 1
+                ename = event.NAME
+                if ename:
+                    by_name[ename] = by_name.get(ename, 0) + 1
+                else:
+                    stats._count_other(event)
+                yield event
+            if failure is not None:
+                raise _decode_error(name, fmt, failure, lineno) from failure
+            return
+        if len(carry) > limit:
+            head, skipped, carry = carry[:RAW_KEEP], len(carry), ""
 
 
 def write_events_file(path: str | os.PathLike[str], events: Iterable[str] = TRACE_EVENTS) -> None:

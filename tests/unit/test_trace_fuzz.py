@@ -42,7 +42,7 @@ from hypothesis import strategies as st
 from harness.checks.vtd import check_events, check_lines, check_trace_file
 from harness.trace import (
     EVENT_CLASSES,
-    MAX_LINE_BYTES,
+    MAX_LINE_CHARS,
     Event,
     MalformedEvent,
     NvmeError,
@@ -120,7 +120,7 @@ def check_event(event: Event, lineno: int) -> None:
     """The invariants every parsed event holds."""
     assert isinstance(event, Event)
     assert event.lineno == lineno
-    assert isinstance(event.raw, str) and len(event.raw) <= MAX_LINE_BYTES + 1
+    assert isinstance(event.raw, str) and len(event.raw) <= MAX_LINE_CHARS + 1
     event.pid, event.timestamp  # never raise
     if isinstance(event, (UnknownEvent, MalformedEvent, NvmeError)):
         return
@@ -389,7 +389,7 @@ def trace_files(draw: st.DrawFn) -> tuple[bytes, bytes, str]:
     """(file content, the trace bytes inside it, how it was damaged)."""
     lines = draw(st.lists(RAW_LINE, max_size=30))
     if draw(st.integers(0, 9)) == 0:
-        lines.insert(draw(st.integers(0, len(lines))), b"vtd_iotlb_reset IOTLB reset (reason: " + b"z" * (MAX_LINE_BYTES + draw(st.integers(-2, 3000))))
+        lines.insert(draw(st.integers(0, len(lines))), b"vtd_iotlb_reset IOTLB reset (reason: " + b"z" * (MAX_LINE_CHARS + draw(st.integers(-2, 3000))))
     data = b"\n".join(lines) + draw(st.sampled_from([b"\n", b""]))
     kind = draw(st.sampled_from(["plain", "gz", "xz"]))
     blob = data if kind == "plain" else gzip.compress(data) if kind == "gz" else lzma.compress(data, preset=0)
@@ -483,7 +483,7 @@ def fuzzed_trace(n: int, seed: int = 1) -> Iterator[bytes]:
         elif roll < 0.99999:
             line = rng.randbytes(rng.randint(0, 60)).replace(b"\n", b"")
         else:
-            line = b"vtd_iotlb_page_hit IOTLB page hit sid 0x" + b"f" * (MAX_LINE_BYTES + rng.randint(1, 200_000))
+            line = b"vtd_iotlb_page_hit IOTLB page hit sid 0x" + b"f" * (MAX_LINE_CHARS + rng.randint(1, 200_000))
         if rng.random() < 0.05:
             line = b"%d@%d.%06d:" % (rng.randint(1, 99999), 1700000000 + i, rng.randint(0, 999999)) + line
         yield line + (b"\n" if i < n - 1 or rng.random() < 0.5 else b"")
