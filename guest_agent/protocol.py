@@ -42,7 +42,10 @@ def handle(line: bytes) -> dict[str, Any]:
 
 def serve(rfile: BinaryIO, wfile: BinaryIO, hello: dict[str, Any]) -> None:
     def send(obj: dict[str, Any]) -> None:
-        wfile.write(json.dumps(obj).encode() + b"\n")
+        data = memoryview(json.dumps(obj).encode() + b"\n")
+        while data:  # a raw write to a virtio port may take only part of a large reply
+            written = wfile.write(data)
+            data = data[written or 0:]
         wfile.flush()
 
     send(hello)

@@ -36,7 +36,7 @@ from typing import Any
 
 from harness.checks.block_data import BlockDataChecker, ios_from_records
 from harness.checks.guest_intent import GuestIntentChecker
-from harness.checks.sync import SyncPairs, host_sync_key
+from harness.checks.sync import SyncPairs, host_sync_keys
 from harness.checks.verdict import Verdict
 from harness.checks.vtd import VtdChecker
 from harness.errors import AgentError, ConfigError, VMError
@@ -122,7 +122,7 @@ def check_evidence(ev: RunEvidence) -> Verdict:
     def host() -> Iterator[Event]:
         return parse_file(ev.host_trace)
 
-    sync = SyncPairs.build(guest, ((e.lineno, k) for e in host() if (k := host_sync_key(e, nvme=nvme))),
+    sync = SyncPairs.build(guest, host_sync_keys(host(), nvme=nvme),
                            nvme=nvme)
     vtd = VtdChecker()
     intent = GuestIntentChecker(guest, sync, lost=ev.guest_lost)

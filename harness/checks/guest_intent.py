@@ -67,7 +67,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from harness.checks.dma_window import BlockDmaWindow
-from harness.checks.sync import INVALIDATION, SyncPair, SyncPairs, host_sync_key
+from harness.checks.sync import INVALIDATION, SyncPair, SyncPairs, host_sync_keys
 from harness.checks.verdict import CheckReport, DivergenceLog, TraceLine
 from harness.models.iommu_domain import IOMMU_READ, IOMMU_WRITE, IommuDomain
 from harness.trace.events import (
@@ -537,7 +537,7 @@ def check_guest_intent(guest: Sequence[GuestEvent], host: Callable[[], Iterable[
     """Run the check: ``host`` returns a fresh iterator over QEMU's events
     each time it is called (it is read twice: once for the sync pairs, once
     to judge)."""
-    sync = SyncPairs.build(guest, ((e.lineno, k) for e in host() if (k := host_sync_key(e, nvme=nvme))),
+    sync = SyncPairs.build(guest, host_sync_keys(host(), nvme=nvme),
                            nvme=nvme)
     checker = GuestIntentChecker(guest, sync, lost=lost, **options)
     checker.feed_all(host())

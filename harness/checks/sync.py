@@ -41,7 +41,9 @@ a guest with one vCPU (the harness's default); with several vCPUs the
 guest's trace is merged by its trace clock, which is per-CPU-monotonic only.
 NVMe pairs assume one NVMe controller (QEMU's events do not name the
 controller); with more, :class:`SyncPairs` is built with ``nvme=False`` and
-only invalidations order the logs.  Events one side logged and the other did
+only invalidations order the logs.  QEMU's NVMe events count only once DMA
+remapping is on (:func:`host_sync_keys`): the firmware's own NVMe commands
+come before.  Events one side logged and the other did
 not (register-based invalidations at boot, a lost guest event) stay
 unpaired and are counted.
 
@@ -51,11 +53,12 @@ Pure code.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
 from harness.trace.events import (
+    DmarEnable,
     Event,
     InvIotlbDomain,
     InvIotlbGlobal,
@@ -67,7 +70,7 @@ from harness.trace.events import (
 from harness.trace.guest import GuestEvent, GuestNvmeCompleteRq, GuestNvmeSetupCmd, GuestQiSubmit
 
 __all__ = ["INVALIDATION", "NVME_SUBMIT", "NVME_COMPLETE", "SyncPair", "SyncPairs", "guest_sync_key",
-           "host_sync_key"]
+           "host_sync_key", "host_sync_keys"]
 
 INVALIDATION: Final = "invalidation"
 NVME_SUBMIT: Final = "nvme-submit"
@@ -118,6 +121,25 @@ def host_sync_key(event: Event, *, nvme: bool = True) -> SyncKey | None:
         assert isinstance(event, NvmeEnqueueReqCompletion)
         return NVME_COMPLETE, (event.cqid, event.cid)
     return None
+
+
+def host_sync_keys(events: Iterable[Event], *, nvme: bool = True) -> Iterator[tuple[int, SyncKey]]:
+    """``(lineno, key)`` of QEMU's sync events, in trace order.
+
+    NVMe events count only once the guest kernel has turned DMA remapping on
+    (``vtd_dmar_enable enable 1``): before that the firmware (SeaBIOS has an
+    NVMe driver) talks to the controller with command ids of its own, which
+    the guest kernel's trace does not have and which would shift the pairing.
+    """
+    remapping = False
+    for e in events:
+        if type(e) is DmarEnable:
+            assert isinstance(e, DmarEnable)
+            remapping = remapping or e.enable
+            continue
+        key = host_sync_key(e, nvme=nvme and remapping)
+        if key is not None:
+            yield e.lineno, key
 
 
 @dataclass(frozen=True, slots=True)

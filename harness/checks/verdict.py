@@ -342,17 +342,19 @@ class DivergenceLog:
         self.by_kind[kind] = self.by_kind.get(kind, 0) + 1
         if len(self.divergences) >= self.max_divergences:
             return
+        line = event if isinstance(event, TraceLine) else TraceLine.of(event, self.source)
+        context = self.context > 0 and line.source == self.source  # another log's line: no context from this one
         d = Divergence(
             kind=kind,
             message=message,
-            line=event if isinstance(event, TraceLine) else TraceLine.of(event, self.source),
-            before=[TraceLine.of(e, self.source) for e in self._ring] if self.context > 0 else [],
+            line=line,
+            before=[TraceLine.of(e, self.source) for e in self._ring] if context else [],
             related=[(role, ln if isinstance(ln, TraceLine) else TraceLine.of(ln, self.source))
                      for role, ln in related],
             **fields,
         )
         self.divergences.append(d)
-        if self.context > 0:
+        if context:
             self._awaiting.append(d)
 
     def report(self, checker: str, counts: Any, *, warnings: Iterable[str] = (),

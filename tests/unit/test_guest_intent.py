@@ -14,7 +14,7 @@ import pytest
 
 from harness.checks.block_data import BlockDataChecker, ios_from_records
 from harness.checks.guest_intent import check_guest_intent
-from harness.checks.sync import SyncPairs, host_sync_key
+from harness.checks.sync import SyncPairs, host_sync_keys
 from harness.checks.verdict import CheckReport
 from harness.trace import parse_lines
 from harness.trace.events import Event
@@ -99,9 +99,12 @@ def one_read(direction: str = "FROM_DEVICE", gpa: int = PAGE_A, to_dev: bool = F
     return guest, host
 
 
+ENABLE = "vtd_dmar_enable enable 1"
+
+
 def intent(guest: list[str], host: list[str]) -> CheckReport:
     events = list(parse_guest_lines(guest))
-    return check_guest_intent(events, lambda: parse_lines(host))
+    return check_guest_intent(events, lambda: parse_lines([ENABLE, *host]))
 
 
 def kinds(report: CheckReport) -> list[str]:
@@ -177,6 +180,17 @@ def test_guest_invalidation_qemu_never_processed() -> None:
     assert kinds(report) == ["invalidation-not-processed"], report.format()
 
 
+def test_firmware_nvme_commands_before_remapping_are_not_paired() -> None:
+    """SeaBIOS drives the NVMe controller before the kernel (same command ids, DMA
+    remapping off): those QEMU events must not shift the pairing of the kernel's."""
+    guest, host = one_read()
+    firmware = [*h_cmd(5), h_done(5)]
+    events = list(parse_guest_lines(guest))
+    report = check_guest_intent(events, lambda: parse_lines([*firmware, ENABLE, *host]))
+    assert report.status == "ok", report.format()
+    assert report.counts.nvme_pairs == 2
+
+
 def test_missing_guest_stream_is_inconclusive() -> None:
     _, host = one_read()
     report = check_guest_intent([], lambda: parse_lines(host))
@@ -196,9 +210,9 @@ def data(guest: list[str], host: list[str], records: list[dict[str, object]]) ->
     gevents: list[GuestEvent] = list(parse_guest_lines(guest))
 
     def hevents() -> Iterator[Event]:
-        return parse_lines(host)
+        return parse_lines([ENABLE, *host])
 
-    sync = SyncPairs.build(gevents, ((e.lineno, k) for e in hevents() if (k := host_sync_key(e))))
+    sync = SyncPairs.build(gevents, host_sync_keys(hevents()))
     checker = BlockDataChecker(ios_from_records(records), gevents, sync)
     checker.feed_all(hevents())
     return checker.finish()
