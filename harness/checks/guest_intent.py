@@ -19,7 +19,11 @@ Evidence and model
   FROM_DEVICE -> write, BIDIRECTIONAL -> both).  One
   :class:`~harness.models.iommu_domain.IommuDomain` per device (PCI source
   id).  Maps no DMA-API event claims stay *unattributed*: they explain a
-  translation of any device, and are counted as a warning.
+  translation of any device, and are counted as a warning.  A map followed
+  by ``iommu:attach_device_to_domain`` events before any DMA-API event is a
+  firmware-requested direct mapping (drivers/iommu/iommu.c
+  ``iommu_create_device_direct_mappings``, made before the group's devices
+  are attached): it belongs to each device attached.
 * ``intel_iommu:qi_submit`` of ``iotlb_inv`` descriptors: an unmapped range
   is *dead* for the device only once an invalidation covering it (same
   domain id, or domain/global granularity) was submitted after the unmap;
@@ -78,6 +82,7 @@ from harness.trace.events import (
     TranslatePassthrough,
 )
 from harness.trace.guest import (
+    GuestAttachDevice,
     GuestDmaMap,
     GuestDmaUnmap,
     GuestEvent,
@@ -179,16 +184,23 @@ def resolve_ops(guest: Sequence[GuestEvent]) -> tuple[list[_Op], int, int]:
     for pos, event in enumerate(guest):
         if isinstance(event, GuestIommuMap):
             last = event.iova + event.size - 1
-            sid: int | None = None
+            sids: list[int | None] = []
             prot = IOMMU_READ | IOMMU_WRITE
             for later in guest[pos + 1:min(n, pos + 1 + _LOOKAHEAD)]:
                 if isinstance(later, GuestDmaMap) and _overlaps(later.segments, event.iova, last):
-                    sid = later.sid
+                    sids = [later.sid]
                     prot = _DIR_PROT.get(later.dir, prot)
                     break
-            if sid is None:
+                if isinstance(later, GuestAttachDevice):
+                    # A firmware-requested direct mapping (iommu_create_device_direct_mappings)
+                    # is made just before the group's devices are attached to the domain.
+                    sids.append(later.sid)
+                elif sids and not isinstance(later, GuestQiSubmit):
+                    break
+            if not sids:
                 lost_maps += 1
-            ops.append(_Op(pos, True, sid, event.iova, event.size, event.paddr, prot, event))
+                sids = [None]
+            ops.extend(_Op(pos, True, sid, event.iova, event.size, event.paddr, prot, event) for sid in sids)
         elif isinstance(event, GuestIommuUnmap):
             if not event.unmapped_size:
                 continue

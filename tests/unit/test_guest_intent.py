@@ -268,3 +268,20 @@ def test_ring_buffer_that_overwrote_events_is_inconclusive() -> None:
     header = ["# tracer: nop", "#", "# entries-in-buffer/entries-written: 10/14   #P:1", "#"]
     report = intent(header + guest, host)
     assert report.status == "inconclusive" and any("lost 4 events" in r for r in report.inconclusive)
+
+
+def test_direct_mapping_belongs_to_the_devices_attached_after_it() -> None:
+    """iommu_create_device_direct_mappings() maps a firmware-requested range, then the
+    group's devices are attached: the map is theirs, not every device's."""
+    guest = [g_map(0, 0, 16 << 20), g_inv(0, did=6),
+             g("attach_device_to_domain", "IOMMU: device=0000:00:1f.0"),
+             g("attach_device_to_domain", "IOMMU: device=0000:00:1f.2")]
+    host = [h_inv(0, domain=6),
+            "vtd_iotlb_page_update IOTLB page update sid 0xfa iova 0x1000 slpte 0x1003 domain 0x6",
+            "vtd_dmar_translate dev 00:1f.02 iova 0x1000 -> gpa 0x1000 mask 0xfff",
+            "vtd_iotlb_page_update IOTLB page update sid 0x18 iova 0x2000 slpte 0x2003 domain 0x1",
+            "vtd_dmar_translate dev 00:03.00 iova 0x2000 -> gpa 0x2000 mask 0xfff"]
+    report = intent(guest, host)
+    assert report.counts.unattributed_maps == 0 and report.counts.devices == 2
+    assert kinds(report) == ["translation-without-guest-mapping"], report.format()
+    assert report.divergences[0].sid == 0x18
