@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     boot = bsub.add_parser("boot", help="time from QEMU start to the guest agent answering")
     boot.add_argument("--runs", type=int, default=5)
     boot.add_argument("--config", default=None, help="scenario whose machine to boot (default: the NVMe one)")
+    boot.add_argument("--trace", action="store_true",
+                      help="boot with QEMU's and the guest kernel's tracing on (as runs do) and time collecting "
+                           "the guest's trace")
     _common(boot)
     it = bsub.add_parser("iotlb", help="IOTLB model operations per second at 1k/10k/100k maps")
     it.add_argument("--ops", type=int, default=20000)
@@ -144,12 +147,18 @@ def cmd_bench_boot(args: argparse.Namespace) -> int:
     print(f"accelerator: {accel.accel} ({accel.reason})")
     times = []
     for i in range(args.runs):
-        with h.vm(spec, name=f"bench{i}", trace=False) as vm:
+        with h.vm(spec, name=f"bench{i}", trace=args.trace) as vm:
             assert vm.boot_seconds is not None
             rtt = _median_seconds(lambda: vm.agent.call("ping", timeout=10))
             times.append(vm.boot_seconds)
             line = (f"boot {i + 1}/{args.runs}: {vm.boot_seconds:.2f}s to guest agent; "
                     f"virtio-serial agent round trip median {rtt * 1000:.2f} ms")
+            if args.trace:
+                import time
+                t0 = time.perf_counter()
+                got = vm.agent.call("tracefs.collect", timeout=120)
+                line += (f"; guest trace collected in {(time.perf_counter() - t0) * 1000:.0f} ms "
+                         f"({got['bytes'] // 1024} KiB, {got['lost']} lost)")
             if i == args.runs - 1:
                 vm.ssh()
                 ssh_rtt = _median_seconds(lambda: vm.ssh_run("true"), n=10)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,11 +48,23 @@ def run_scenario(harness: Harness, scenario: Scenario, artifacts_dir: Path | Non
 
     A workload that finds its data corrupted (:class:`WorkloadFailed`) is a
     failure of the system under test: it goes into the verdict, not an exception.
-    Other exceptions (the guest died, an agent op failed) propagate after the VM
-    is torn down; the evidence is saved first.
+    Other exceptions (the guest did not come up, died, an agent op failed)
+    propagate after the VM is torn down; the evidence (console log, argv, traces)
+    is saved to ``artifacts_dir`` first.
     """
     accel = harness.accel(scenario.machine.accel).accel
-    with harness.vm(scenario.machine, name=scenario.name, boot_timeout=scenario.boot_timeout) as vm:
+    vm = harness.vm(scenario.machine, name=scenario.name, boot_timeout=scenario.boot_timeout)
+    try:
+        vm.launch()
+        vm.wait_ready()
+    except BaseException:
+        vm.shutdown()  # keep the console log and argv of a guest that did not come up
+        if artifacts_dir is not None and vm.run_dir is not None:
+            with contextlib.suppress(OSError):
+                vm.save_artifacts(artifacts_dir, {"config.toml": scenario.to_toml()})
+        vm.close()
+        raise
+    with vm:
         boot = vm.boot_seconds or 0.0
         t0 = time.monotonic()
         records: list[dict[str, Any]] = []

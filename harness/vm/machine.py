@@ -164,9 +164,13 @@ class VM:
 
     # ------------------------------------------------------------------ context
     def __enter__(self) -> VM:
+        """Launch and wait for the guest, unless that was already done (then the
+        context manager only owns the running VM)."""
         try:
-            self.launch()
-            self.wait_ready()
+            if self._proc is None:
+                self.launch()
+            if self.boot_seconds is None:
+                self.wait_ready()
         except BaseException:
             self.close()
             raise

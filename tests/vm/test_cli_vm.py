@@ -59,8 +59,11 @@ def test_guest_that_never_comes_up(dma_harness, tmp_path, no_leftovers):
     cfg = cfg.replace('accel = "auto"', 'accel = "auto"\ncmdline = "rdinit=/bin/cat loglevel=7"')
     path = tmp_path / "stuck.toml"
     path.write_text(cfg)
-    proc = run_cli("run", str(path), env_cache=dma_harness.cache.root)
+    proc = run_cli("run", str(path), "--artifacts", str(tmp_path / "art"), env_cache=dma_harness.cache.root)
     assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    saved = tmp_path / "art" / "intel-iommu-nvme"  # a failed boot keeps its console log and argv
+    assert "Run /bin/cat as init process" in (saved / "console.log").read_text()
+    assert (saved / "argv.json").is_file() and (saved / "config.toml").is_file()
     assert "Traceback" not in proc.stderr
     first, *rest = proc.stderr.strip().splitlines()
     assert first.startswith("error: intel-iommu-nvme: the guest agent did not answer within 15s"), first
