@@ -285,3 +285,16 @@ def test_direct_mapping_belongs_to_the_devices_attached_after_it() -> None:
     assert report.counts.unattributed_maps == 0 and report.counts.devices == 2
     assert kinds(report) == ["translation-without-guest-mapping"], report.format()
     assert report.divergences[0].sid == 0x18
+
+
+def test_write_zeroes_is_not_data() -> None:
+    """A write-zeroes command over the I/O's bytes moves no data from the buffer: it
+    does not cover the guest's write."""
+    guest = [g_mark("dma-harness io 1 begin write pos=0 len=4096"), g_cmd(7, "nvme_cmd_write_zeroes"), g_done(7),
+             g_mark("dma-harness io 1 end")]
+    host = ["pci_nvme_io_cmd cid 7 nsid 0x1 sqid 1 opc 0x8 opname 'NVME_NVM_CMD_WRITE_ZEROES'",
+            "pci_nvme_write cid 7 opname 'NVME_NVM_CMD_WRITE_ZEROES' nsid 1 nlb 8 count 4096 lba 0x0", h_done(7)]
+    record = {**RECORD, "ios": [{"io": 1, "dir": "write", "pos": 0, "len": 4096}]}
+    report = data(guest, host, [record])
+    assert report.counts.non_data_commands == 1 and report.counts.bytes_written_checked == 0
+    assert kinds(report) == ["io-not-at-device"], report.format()
