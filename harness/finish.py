@@ -76,10 +76,10 @@ class RunEvidence:
         Raises ConfigError naming the file when the folder lacks the host trace
         or holds a file that is not what it should be.
         """
-        host = _compressed_or_plain(folder / HOST_TRACE)
+        host = compressed_or_plain(folder / HOST_TRACE)
         if host is None:
             raise ConfigError(f"{folder} holds no {HOST_TRACE} (not an artifacts folder of a run)")
-        guest = _compressed_or_plain(folder / GUEST_TRACE)
+        guest = compressed_or_plain(folder / GUEST_TRACE)
         info = _read_json(folder / GUEST_TRACE_INFO, {})
         records = _read_json(folder / RECORDS, [])
         spec = _read_json(folder / "spec.json", {})
@@ -90,7 +90,7 @@ class RunEvidence:
         return cls(host, guest, int(info.get("lost", 0)) if isinstance(info, dict) else 0, records, nvme)
 
 
-def _compressed_or_plain(path: Path) -> Path | None:
+def compressed_or_plain(path: Path) -> Path | None:
     """``path``, or ``path.xz`` / ``path.gz`` (recorded runs kept as test data), if one is a file."""
     for candidate in (path, path.with_name(path.name + ".xz"), path.with_name(path.name + ".gz")):
         if candidate.is_file():

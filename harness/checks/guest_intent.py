@@ -65,15 +65,15 @@ Pure code: events in, a :class:`~harness.checks.verdict.CheckReport` out.
 
 from __future__ import annotations
 
-import bisect
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Final
 
 from harness.checks.dma_window import BlockDmaWindow
+from harness.checks.guest_state import GuestState, lost_events
 from harness.checks.sync import INVALIDATION, SyncPair, SyncPairs, host_sync_keys
 from harness.checks.verdict import CheckReport, DivergenceLog, TraceLine
-from harness.models.iommu_domain import IOMMU_READ, IOMMU_WRITE, IommuDomain
+from harness.models.iommu_domain import IOMMU_READ, IOMMU_WRITE, Mapping
 from harness.trace.events import (
     DmarEnable,
     DmarTranslate,
@@ -82,16 +82,8 @@ from harness.trace.events import (
     TranslatePassthrough,
 )
 from harness.trace.guest import (
-    GuestAttachDevice,
-    GuestDmaMap,
-    GuestDmaUnmap,
     GuestEvent,
-    GuestHeader,
-    GuestIommuMap,
-    GuestIommuUnmap,
-    GuestLostEvents,
     GuestMalformedEvent,
-    GuestQiSubmit,
 )
 
 __all__ = [
@@ -150,86 +142,6 @@ class GuestIntentCounts:
     guest_malformed_lines: int = 0
 
 
-@dataclass(frozen=True, slots=True)
-class _Op:
-    """A guest IOMMU change with its device resolved."""
-
-    pos: int
-    map: bool
-    sid: int | None
-    iova: int
-    size: int
-    paddr: int
-    prot: int
-    event: GuestEvent
-
-
-def _overlaps(segments: Iterable[tuple[int, int]], start: int, last: int) -> bool:
-    for addr, size in segments:
-        lo = addr & ~(_PAGE - 1)
-        hi = (addr + max(size, 1) - 1) | (_PAGE - 1)
-        if lo <= last and start <= hi:
-            return True
-    return False
-
-
-def resolve_ops(guest: Sequence[GuestEvent]) -> tuple[list[_Op], int, int]:
-    """Attribute each ``iommu:map``/``unmap`` to a device (module docstring).
-
-    Returns the ops in guest order and the numbers of unattributed maps and unmaps.
-    """
-    ops: list[_Op] = []
-    lost_maps = lost_unmaps = 0
-    n = len(guest)
-    for pos, event in enumerate(guest):
-        if isinstance(event, GuestIommuMap):
-            last = event.iova + event.size - 1
-            sids: list[int | None] = []
-            prot = IOMMU_READ | IOMMU_WRITE
-            for later in guest[pos + 1:min(n, pos + 1 + _LOOKAHEAD)]:
-                if isinstance(later, GuestDmaMap) and _overlaps(later.segments, event.iova, last):
-                    sids = [later.sid]
-                    prot = _DIR_PROT.get(later.dir, prot)
-                    break
-                if isinstance(later, GuestAttachDevice):
-                    # A firmware-requested direct mapping (iommu_create_device_direct_mappings)
-                    # is made just before the group's devices are attached to the domain.
-                    sids.append(later.sid)
-                elif sids and not isinstance(later, GuestQiSubmit):
-                    break
-            if not sids:
-                lost_maps += 1
-                sids = [None]
-            ops.extend(_Op(pos, True, sid, event.iova, event.size, event.paddr, prot, event) for sid in sids)
-        elif isinstance(event, GuestIommuUnmap):
-            if not event.unmapped_size:
-                continue
-            last = event.iova + event.unmapped_size - 1
-            sid = None
-            for later in guest[pos + 1:min(n, pos + 1 + _LOOKAHEAD)]:
-                if isinstance(later, GuestDmaUnmap) and (
-                        not later.segments or _overlaps(later.segments, event.iova, last)):
-                    sid = later.sid
-                    break
-            if sid is None:
-                lost_unmaps += 1
-            ops.append(_Op(pos, False, sid, event.iova, event.unmapped_size, 0, 0, event))
-    return ops, lost_maps, lost_unmaps
-
-
-@dataclass(frozen=True, slots=True)
-class _Dead:
-    """A mapping the guest unmapped: ``unmap`` is the guest event; ``flushed``
-    the guest position of the invalidation that covered it (None: not yet)."""
-
-    iova: int
-    last: int
-    paddr: int
-    prot: int
-    unmap: GuestEvent
-    flushed: int | None
-
-
 class GuestIntentChecker:
     """Replays the guest's mappings beside QEMU's translations.
 
@@ -243,18 +155,13 @@ class GuestIntentChecker:
                  max_divergences: int = 20, context: int = 8) -> None:
         self._guest = guest
         self._sync = sync
-        self.counts = GuestIntentCounts(guest_events=len(guest), guest_lost_events=lost + _lost_in(guest))
+        self.counts = GuestIntentCounts(guest_events=len(guest), guest_lost_events=lost + lost_events(guest))
         self._log = DivergenceLog(max_divergences=max_divergences, context=context)
         self._window = BlockDmaWindow()
-        ops, self.counts.unattributed_maps, self.counts.unattributed_unmaps = resolve_ops(guest)
-        self._ops = ops
-        self._op_pos = [op.pos for op in ops]
-        self._invalidations = [(pos, e) for pos, e in enumerate(guest)
-                               if isinstance(e, GuestQiSubmit) and e.desc_type == "iotlb_inv"]
-        self._inv_pos = [pos for pos, _ in self._invalidations]
-        self.counts.guest_maps = sum(1 for op in ops if op.map)
-        self.counts.guest_unmaps = len(ops) - self.counts.guest_maps
-        self.counts.guest_invalidations = len(self._invalidations)
+        self._state = state = GuestState(guest)
+        self.counts.unattributed_maps, self.counts.unattributed_unmaps = state.unattributed_maps, state.unattributed_unmaps
+        self.counts.guest_maps, self.counts.guest_unmaps = state.maps, state.unmaps
+        self.counts.guest_invalidations = len(state.invalidations)
         self.counts.guest_malformed_lines = sum(1 for e in guest if isinstance(e, GuestMalformedEvent))
         self._malformed_families = sorted({e.family for e in guest if isinstance(e, GuestMalformedEvent)
                                            and e.family in _FAMILIES})
@@ -262,94 +169,10 @@ class GuestIntentChecker:
         self.counts.invalidation_pairs = sync.counts.invalidation_pairs
         self.counts.nvme_pairs = sync.counts.nvme_pairs
         self.counts.host_only_invalidations = sync.counts.host_unpaired_invalidations
-        # guest maps by page, for the ordering window: page -> [(pos, op)]
-        self._maps_by_page: dict[int, list[tuple[int, _Op]]] = {}
-        for op in ops:
-            if op.map:
-                for page in range(op.iova // _PAGE, (op.iova + op.size - 1) // _PAGE + 1):
-                    self._maps_by_page.setdefault(page, []).append((op.pos, op))
-        # the replayed guest state
-        self._applied = 0  # ops applied
-        self._inv_applied = 0
-        self._at = -1  # guest position the state reflects
-        self._domains: dict[int | None, IommuDomain] = {}
-        self._dead: dict[int | None, list[_Dead]] = {}
-        self._did_of_sid: dict[int, int] = {}
         self._pt_pending: dict[int, int] = {}  # sid -> iova of a vtd_translate_pt awaiting its translate
         self._dmar_enabled: bool | None = None
         self._malformed_vtd = 0
         self._report: CheckReport | None = None
-
-    # ---- the replayed guest ------------------------------------------------
-
-    def _domain(self, sid: int | None) -> IommuDomain:
-        d = self._domains.get(sid)
-        if d is None:
-            d = self._domains[sid] = IommuDomain()
-            if sid is not None:
-                self.counts.devices += 1
-        return d
-
-    def _advance(self, to: int) -> None:
-        """Apply guest maps, unmaps and invalidations at positions <= ``to``."""
-        if to <= self._at:
-            return
-        ops, invs = self._ops, self._invalidations
-        while True:
-            next_op = ops[self._applied].pos if self._applied < len(ops) else None
-            next_inv = invs[self._inv_applied][0] if self._inv_applied < len(invs) else None
-            candidates = [p for p in (next_op, next_inv) if p is not None and p <= to]
-            if not candidates:
-                break
-            if next_op is not None and next_op == min(candidates):
-                self._apply(ops[self._applied])
-                self._applied += 1
-            else:
-                self._flush(*invs[self._inv_applied])
-                self._inv_applied += 1
-        self._at = to
-
-    def _apply(self, op: _Op) -> None:
-        domain = self._domain(op.sid)
-        if op.map:
-            try:
-                domain.map(op.iova, op.paddr, op.size, op.prot, origin=op.event)
-            except OSError:
-                pass  # a map over a live one: the guest's own log is inconsistent; the translation rule still holds
-            return
-        end = op.iova + op.size - 1
-        removed: list[tuple[int, int, int, int]] = []
-        addr = op.iova
-        while addr <= end:  # what unmap will remove: it stops at the first hole
-            m = domain.translate(addr)
-            if m is None:
-                break
-            removed.append((m.iova, m.last, m.paddr, m.prot))
-            addr = m.last + 1
-        domain.unmap(op.iova, op.size)
-        dead = self._dead.setdefault(op.sid, [])
-        for iova, last, paddr, prot in removed:
-            lo, hi = max(iova, op.iova), min(last, op.iova + op.size - 1)
-            dead.append(_Dead(lo, hi, paddr + (lo - iova), prot, op.event, None))
-        if len(dead) > 4096:  # bound memory: forget the oldest flushed ones
-            self._dead[op.sid] = [d for d in dead if d.flushed is None] + [d for d in dead if d.flushed][-1024:]
-
-    def _flush(self, pos: int, inv: GuestQiSubmit) -> None:
-        gran = inv.granularity
-        for sid, dead in self._dead.items():
-            did = self._did_of_sid.get(sid) if sid is not None else None
-            if gran == "page" and did is not None and did != inv.did:
-                continue
-            if gran == "domain" and did is not None and did != inv.did:
-                continue
-            if gran == "page":
-                start = inv.addr & ~((_PAGE << inv.am) - 1)
-                last = start + (_PAGE << inv.am) - 1
-            else:
-                start, last = 0, (1 << 64) - 1
-            for i, d in enumerate(dead):
-                if d.flushed is None and start <= d.iova and d.last <= last:
-                    dead[i] = _Dead(d.iova, d.last, d.paddr, d.prot, d.unmap, pos)
 
     # ---- QEMU's events -----------------------------------------------------
 
@@ -373,7 +196,7 @@ class GuestIntentChecker:
             domain = getattr(event, "domain", None)
             sid = getattr(event, "sid", None)
             if isinstance(domain, int) and isinstance(sid, int):  # vtd_iotlb_page_update/hit
-                self._did_of_sid[sid] = domain
+                self._state.did_of_sid[sid] = domain
 
     def feed_all(self, events: Iterable[Event]) -> None:
         for e in events:
@@ -391,29 +214,26 @@ class GuestIntentChecker:
         c.translations_checked += 1
         h = e.lineno
         low = self._sync.lower(h)
-        self._advance(low)
+        state = self._state
+        state.advance(low)
         request = self._window.current
         need = 0
         if request is not None:
             need = IOMMU_READ if request.to_dev else IOMMU_WRITE
             c.directions_checked += 1
-        domain = self._domains.get(sid)
-        m = domain.translate(iova) if domain is not None else None
-        if m is None:
-            fallback = self._domains.get(None)
-            m = fallback.translate(iova) if fallback is not None else None
+        m = state.translate(sid, iova)
         if m is not None and m.paddr + (iova - m.iova) == gpa:
             self._check_perm(e, m.prot, need, m.origin)
             return
         high = self._sync.upper(h, len(self._guest))
-        for pos, op in self._maps_by_page.get(iova // _PAGE, ()):
-            if low < pos < high and op.sid in (sid, None) and op.paddr + (iova - op.iova) == gpa:
+        for op in state.maps_between(sid, iova, low, high):
+            if op.paddr + (iova - op.iova) == gpa:
                 c.allowed_by_window += 1
                 self._check_perm(e, op.prot, need, op.event)
                 return
         # A range unmapped but whose invalidation had not reached the vIOMMU yet:
         # QEMU's IOTLB may still serve it -- unless the guest has mapped the iova again.
-        for d in self._dead_for(sid):
+        for d in state.dead_for(sid):
             if d.iova <= iova <= d.last and (d.flushed is None or d.flushed > low) \
                     and d.paddr + (iova - d.iova) == gpa:
                 if m is None:
@@ -430,10 +250,6 @@ class GuestIntentChecker:
                 return
         self._diverge_translation(e, m, low, high)
 
-    def _dead_for(self, sid: int) -> Iterator[_Dead]:
-        yield from reversed(self._dead.get(sid, ()))
-        yield from reversed(self._dead.get(None, ()))
-
     def _check_perm(self, e: DmarTranslate, prot: int, need: int, origin: object) -> None:
         if need and (prot & need) != need:
             what = "read" if need == IOMMU_READ else "write"
@@ -445,16 +261,13 @@ class GuestIntentChecker:
                 f"but the guest mapped it {_prot_name(prot)}",
                 related=related, sid=e.sid, iova=e.iova, observed=e.gpa)
 
-    def _diverge_translation(self, e: DmarTranslate, m: object, low: int, high: int) -> None:
+    def _diverge_translation(self, e: DmarTranslate, m: Mapping | None, low: int, high: int) -> None:
         sid, iova, gpa = e.sid, e.iova, e.gpa
         where = f"sid {sid:#06x} iova {iova:#x} -> gpa {gpa:#x}"
         pair = self._last_pair(e.lineno)
         ordered = ([("ordered after", TraceLine(pair.host, f"(host side of a {pair.kind} pair)", "host")),
                     ("guest side", _guest_line(self._guest[pair.guest]))] if pair is not None else [])
         if m is not None:
-            from harness.models.iommu_domain import Mapping
-
-            assert isinstance(m, Mapping)
             expected = m.paddr + (iova - m.iova)
             self._log.diverge(
                 GUEST_WRONG_TRANSLATION, e,
@@ -463,7 +276,7 @@ class GuestIntentChecker:
                 related=[("guest mapped", _guest_line(m.origin)), *ordered],
                 sid=sid, iova=iova, expected=expected, observed=gpa)
             return
-        dead = next((d for d in self._dead_for(sid) if d.iova <= iova <= d.last), None)
+        dead = next((d for d in self._state.dead_for(sid) if d.iova <= iova <= d.last), None)
         if dead is not None and dead.flushed is not None:
             self._log.diverge(
                 USE_AFTER_UNMAP, e,
@@ -492,6 +305,7 @@ class GuestIntentChecker:
         if self._report is not None:
             return self._report
         c = self.counts
+        c.devices = self._state.devices
         for pos, key in self._sync.unpaired_guest:
             if key[0] == INVALIDATION:
                 self._log.diverge(
@@ -518,20 +332,6 @@ class GuestIntentChecker:
                             "(register-based invalidations at boot are not traced by the guest)")
         self._report = self._log.report(CHECKER, c, warnings=warnings, inconclusive=inconclusive, title=TITLE)
         return self._report
-
-
-def _lost_in(guest: Sequence[GuestEvent]) -> int:
-    """Events the guest's ring buffer says it lost: ``[LOST N EVENTS]`` lines, and
-    an ``entries-in-buffer/entries-written`` header whose counts differ."""
-    lost = 0
-    for e in guest:
-        if isinstance(e, GuestLostEvents):
-            lost += e.count
-        elif isinstance(e, GuestHeader):
-            kept, written = e.entries_in_buffer, e.entries_written
-            if kept is not None and written is not None and written > kept:
-                lost += written - kept
-    return lost
 
 
 def _guest_line(event: object) -> TraceLine:
