@@ -5,6 +5,12 @@
   :class:`~harness.checks.verdict.Verdict`.
 - :mod:`harness.checks.vtd`: QEMU-internal consistency of the emulated VT-d
   (QEMU's IOTLB hits against its own page walks and invalidations).
+- :mod:`harness.checks.guest_intent`: every translation against the guest
+  kernel's own mappings (its trace), the logs ordered by
+  :mod:`harness.checks.sync`, the guest replayed by
+  :mod:`harness.checks.guest_state`.
+- :mod:`harness.checks.block_data`: the guest's O_DIRECT data against the
+  pages of the agent's buffers.
 - :mod:`harness.checks.dma_window`: which block DMA request (and so which
   direction) a translation belongs to.
 """
