@@ -27,10 +27,19 @@ function each comes from:
   invalidating it, or an invalidation is missing from the trace; the map's
   origin line is named), ``unexpected-miss`` when they agree (an
   invalidation the model did not see).  The walk then waits for its
-  ``vtd_dmar_translate`` (same sid, matching page), which gives the page
-  size; the page ``[iova & ~mask, iova | mask]`` is removed from the model
-  and re-added from the SLPTE.  A walk that never gets its translate is
-  counted (``walks_without_translate``).
+  ``vtd_dmar_translate`` (same sid, matching page: the oldest such waiting
+  walk or hit; translates of one sid may come out of order when several
+  threads translate), which gives the page size; the page
+  ``[iova & ~mask, iova | mask]`` is removed from the model and re-added
+  from the SLPTE.  A walk that never gets its translate is counted
+  (``walks_without_translate``).  QEMU inserted the entry when it traced
+  the walk, so an invalidation traced between the walk and its translate
+  (another thread's) removed it already: such a walk's translate is judged
+  against the walk but adds nothing to the model; so does a
+  ``vtd_iotlb_reset`` for every walk but the one that triggered it (the
+  update line right before it: ``vtd_update_iotlb`` inserts after
+  resetting).  Likewise the translate of a hit whose entry was invalidated
+  after the hit is judged against the hit's SLPTE.
 * ``vtd_iotlb_page_hit`` (``vtd_lookup_iotlb`` hit): the model of
   (sid, entry's domain) must hold a live map covering ``iova`` with the same
   page address and permission: missing -> ``hit-after-invalidation`` (naming
@@ -52,8 +61,7 @@ function each comes from:
 * ``vtd_inv_desc_iotlb_domain`` (``vtd_iotlb_domain_invalidate``): drop the
   domain's models.  ``vtd_inv_desc_iotlb_global``
   (``vtd_iotlb_global_invalidate``) and ``vtd_iotlb_reset``
-  (``vtd_update_iotlb``'s size-limit reset): drop all models.  Pending walks
-  survive (QEMU inserts the walked entry after the size-limit reset).
+  (``vtd_update_iotlb``'s size-limit reset): drop all models.
 * ``vtd_context_cache_reset`` not immediately preceded (among vtd events) by
   ``vtd_inv_desc_cc_global`` comes from ``vtd_reset_caches`` (root table
   pointer set, translation enable/disable, device reset): drop all models.
@@ -83,6 +91,21 @@ QEMU's IOTLB holds (QEMU resets it at 1024 entries and traces that; a guard
 drops everything past ``max_live_maps`` if such resets are not traced), plus
 a ring of the last ``context`` events, ``history`` invalidations per domain
 and at most ``max_divergences`` recorded divergences.
+
+The guard (``model_overflow_resets``): when a walk brings the models past
+``max_live_maps`` maps, all of them are dropped except that walk's page.
+QEMU may still hold the dropped entries, so the checker cannot judge them
+any more: a hit, or a translation, that finds no live map where a dropped
+one was is counted in ``not_judged`` (and warned about), never a
+divergence.  The dropped maps are kept aside as "ghosts" (at most
+``max_live_maps + 1`` of them) only to recognise those; a ghost leaves when
+an invalidation covers it (from then on its absence is judged as usual) or
+when a walk re-adds its page.  Entries added after the guard fired are
+judged as usual.  If the guard fires again before the ghosts have shrunk,
+they are forgotten and every hit or translation that misses the models is
+not judged until a global invalidation or reset (or, for one domain, a
+domain invalidation) makes the models exact again, except where a page
+invalidation recorded since (``history`` per domain) explains the miss.
 
 Errors: :meth:`VtdChecker.feed` after :meth:`VtdChecker.finish` raises
 ``RuntimeError``; :func:`check_trace_file` raises ``OSError`` for the file.
@@ -181,6 +204,7 @@ _U64: Final = (1 << 64) - 1
 _ALL: Final = (0, _U64)
 _PAGE_SIZES: Final = (1 << 30, 1 << 21, 1 << 12)
 _PENDING_MAX: Final = 4  # per-sid walks/hits/passthroughs awaiting their translate
+_VOID_RANGES_MAX: Final = 16  # page invalidations remembered per waiting walk
 _DEFAULT_MAX_LIVE_MAPS: Final = 16 * 1024  # 16 x QEMU's VTD_IOTLB_MAX_SIZE
 
 _Pending = IotlbPageUpdate | IotlbPageHit | TranslatePassthrough
@@ -200,7 +224,11 @@ def _origin(m: IOTLBMap) -> Event | None:
 
 
 def _map_added(origin: Event | None) -> list[tuple[str, Event]]:
-    return [("map added", origin)] if origin is not None else []
+    """The line that explains a map: its walk, or the hit whose entry was invalidated
+    before its translate (judged against that hit alone)."""
+    if origin is None:
+        return []
+    return [("entry hit" if type(origin) is IotlbPageHit else "map added", origin)]
 
 
 def _map_text(m: IOTLBMap) -> str:
@@ -251,6 +279,9 @@ class Counts:
     malformed_lines: int = 0
     model_overflow_resets: int = 0
     """Times the ``max_live_maps`` guard dropped all models (0 when resets are traced)."""
+    not_judged: int = 0
+    """Hits and translations the checker could not judge because the model's entry
+    for them had been dropped by the ``max_live_maps`` guard (never divergences)."""
 
 
 # --------------------------------------------------------------------------
@@ -286,8 +317,18 @@ class VtdChecker:
         self._by_domain: dict[int, dict[int, IOTLB]] = {}  # domain -> sid -> model
         self._by_sid: dict[int, dict[int, IOTLB]] = {}  # sid -> domain -> model
         self._live = 0
+        # Maps dropped by the max_live_maps guard (see the module docstring).
+        self._ghosts: dict[tuple[int, int], IOTLB] = {}
+        self._ghost_maps = 0
+        self._ghosts_lost = False  # ghosts overflowed: misses of the models are unjudged...
+        self._lost_at = 0  # ...unless an invalidation after this line explains them
+        self._synced_domains: set[int] = set()  # wholly invalidated since the ghosts were lost
         self._sid_domain: dict[int, int] = {}
         self._pending: dict[int, deque[_Pending]] = {}
+        # id() of a waiting walk -> invalidated ranges since it was traced (None: all of it).
+        self._voids: dict[int, list[tuple[int, int]] | None] = {}
+        self._last_vtd: Event | None = None
+        self._current: Event | None = None
         self._recent_inv: dict[int, deque[tuple[int, int, Event]]] = {}
         self._last_global: Event | None = None
         self._log = DivergenceLog(max_divergences=max_divergences, context=context)
@@ -327,6 +368,7 @@ class VtdChecker:
         if self._verdict is not None:
             raise RuntimeError("VtdChecker.feed() after finish()")
         self.counts.events_total += 1
+        self._current = event
         self._log.seen(event)
         self._window.feed(event)
         handler = self._handlers.get(type(event))
@@ -338,6 +380,7 @@ class VtdChecker:
                 self._on_malformed(event)
         if event.IS_VTD:
             self._after_cc_global = type(event) is InvContextGlobal
+            self._last_vtd = event
 
     def feed_all(self, events: Iterable[Event]) -> None:
         """:meth:`feed` every event of ``events``."""
@@ -355,6 +398,7 @@ class VtdChecker:
         for pend in self._pending.values():
             c.walks_without_translate += sum(1 for p in pend if type(p) is IotlbPageUpdate)
         self._pending.clear()
+        self._voids.clear()
         c.dma_requests = self._window.requests
         self._verdict = self._log.report(CHECKER, c, warnings=self._warnings(),
                                          inconclusive=self._inconclusive(), title=TITLE)
@@ -376,8 +420,68 @@ class VtdChecker:
         self._by_domain.clear()
         self._by_sid.clear()
         self._live = 0
+        self._ghosts.clear()
+        self._ghost_maps = 0
+        self._ghosts_lost = False
+        self._synced_domains.clear()
+
+    def _guard_drop(self) -> None:
+        """The ``max_live_maps`` guard: drop every model, keeping its maps as ghosts."""
+        self.counts.model_overflow_resets += 1
+        moved = self._live
+        if self._ghosts_lost or self._ghost_maps + moved > self.max_live_maps + 1:
+            self._ghosts.clear()
+            self._ghost_maps = 0
+            self._ghosts_lost = True
+            self._lost_at = self._log_line()
+            self._synced_domains.clear()
+        else:
+            ghosts = self._ghosts
+            for key, model in self._models.items():
+                ghost = ghosts.get(key)
+                if ghost is None:
+                    ghosts[key] = model
+                    continue
+                for m in model:
+                    self._ghost_maps -= len(ghost.del_range(m.start, m.last))
+                    ghost.add_range(m.start, m.last, m.addr, m.perm, m.opaque)
+            self._ghost_maps += moved
+        self._models = {}
+        self._by_domain.clear()
+        self._by_sid.clear()
+        self._live = 0
+
+    def _log_line(self) -> int:
+        """Line number of the event being handled."""
+        return self._current.lineno if self._current is not None else 0
+
+    def _unghost(self, domain: int, start: int, last: int, sid: int | None = None) -> None:
+        """Maps of ``domain`` (and ``sid`` if given) overlapping ``[start, last]``
+        stop being ghosts: an invalidation removed them, or a walk re-added them."""
+        if not self._ghosts:
+            return
+        for (g_sid, g_domain), ghost in self._ghosts.items():
+            if g_domain == domain and (sid is None or g_sid == sid):
+                self._ghost_maps -= len(ghost.del_range(start, last))
+
+    def _unjudged(self, sid: int, domain: int, iova: int) -> bool:
+        """Could the model's missing map for ``iova`` have been dropped by the guard?"""
+        if self._ghosts_lost:
+            if domain in self._synced_domains:
+                return False
+            dq = self._recent_inv.get(domain)
+            return not dq or not any(
+                start <= iova <= last and event.lineno > self._lost_at for start, last, event in dq
+            )
+        ghost = self._ghosts.get((sid, domain))
+        return ghost is not None and ghost.first(iova, iova) is not None
 
     def _drop_domain(self, domain: int) -> None:
+        if self._ghosts:
+            for key in [k for k in self._ghosts if k[1] == domain]:
+                self._ghost_maps -= len(self._ghosts.pop(key))
+        if self._ghosts_lost:
+            self._synced_domains.add(domain)
         models = self._by_domain.pop(domain, None)
         if not models:
             return
@@ -433,6 +537,11 @@ class VtdChecker:
             out.append(
                 f"the models exceeded {self.max_live_maps} maps {c.model_overflow_resets} "
                 "times and were dropped (is vtd_iotlb_reset traced?)"
+            )
+        if c.not_judged:
+            out.append(
+                f"{c.not_judged} hits/translations were not judged: their entries had been "
+                f"dropped when the models exceeded {self.max_live_maps} maps"
             )
         return out
 
@@ -522,7 +631,11 @@ class VtdChecker:
         m = model.first(iova, iova) if model is not None else None
         where = f"{_sid_text(sid)} domain {domain:#x} iova {iova:#x}"
         if m is None:
-            if not self._pending_walk_matches(sid, e):
+            if self._pending_walk_matches(sid, e):
+                pass
+            elif self._unjudged(sid, domain, iova):
+                self.counts.not_judged += 1
+            else:
                 remover = self._who_removed(domain, iova)
                 related = [("invalidated by", remover)] if remover is not None else []
                 why = (
@@ -566,8 +679,39 @@ class VtdChecker:
             return False
         return any(
             type(p) is IotlbPageUpdate and p.slpte == hit.slpte and p.domain == hit.domain
+            and not self._is_void(p, hit.iova, hit.iova)
             for p in pend
         )
+
+    def _void_walks(self, domain: int | None, start: int = 0, last: int = _U64,
+                    keep: Event | None = None) -> None:
+        """An invalidation (of ``domain``, None: all) removed the entries that waiting
+        walks inserted and waiting hits used."""
+        whole = start == 0 and last == _U64
+        for pend in self._pending.values():
+            for p in pend:
+                if isinstance(p, TranslatePassthrough) or p is keep:
+                    continue
+                if domain is not None and p.domain != domain:
+                    continue
+                key = id(p)
+                if whole:
+                    self._voids[key] = None
+                    continue
+                ranges = self._voids.get(key, [])
+                if ranges is None:
+                    continue
+                ranges.append((start, last))
+                if len(ranges) > _VOID_RANGES_MAX:
+                    ranges[:] = [(min(r[0] for r in ranges), max(r[1] for r in ranges))]
+                self._voids[key] = ranges
+
+    def _is_void(self, p: _Pending, start: int, last: int) -> bool:
+        """Was the entry walk ``p`` inserted (page ``[start, last]``) invalidated since?"""
+        if not self._voids or id(p) not in self._voids:
+            return False
+        ranges = self._voids[id(p)]
+        return ranges is None or any(s <= last and start <= e for s, e in ranges)
 
     def _on_passthrough(self, e: TranslatePassthrough) -> None:
         self._push_pending(e.sid, e)
@@ -578,23 +722,20 @@ class VtdChecker:
             pend = self._pending[sid] = deque()
         elif len(pend) >= _PENDING_MAX:
             old = pend.popleft()
+            self._voids.pop(id(old), None)
             if type(old) is IotlbPageUpdate:
                 self.counts.walks_without_translate += 1
         pend.append(e)
 
     def _take_pending(self, sid: int, iova: int, mask: int) -> _Pending | None:
         """The oldest pending event of ``sid`` this translate (page ``iova``,
-        ``mask``) answers; older unanswered ones are dropped (counted)."""
+        ``mask``) answers.  Others stay: another thread's translate may come first."""
         pend = self._pending.get(sid)
         if not pend:
             return None
         for index, p in enumerate(pend):
             if (p.iova & ~mask) == iova:
-                for _ in range(index):
-                    old = pend.popleft()
-                    if type(old) is IotlbPageUpdate:
-                        self.counts.walks_without_translate += 1
-                pend.popleft()
+                del pend[index]
                 if not pend:
                     del self._pending[sid]
                 return p
@@ -623,28 +764,57 @@ class VtdChecker:
                 )
             return
         domain: int | None
+        model_or_none: IOTLB | None
         if kind is IotlbPageUpdate:
             assert isinstance(p, IotlbPageUpdate)
             domain = p.domain
-            model = self._model(sid, domain)
             last = iova | mask
+            if self._voids and id(p) in self._voids:
+                void = self._is_void(p, iova, last)
+                del self._voids[id(p)]
+                if void:
+                    # Invalidated before this translate: judged against the walk alone.
+                    model_or_none = IOTLB()
+                    model_or_none.add_range(iova, last, (p.slpte & SLPTE_ADDR_MASK) & ~mask,
+                                            p.slpte & 3, p)
+                    self._judge_translate(e, p, sid, domain, model_or_none)
+                    return
+            model = self._model(sid, domain)
             removed = model.del_range(iova, last)
             model.add_range(iova, last, (p.slpte & SLPTE_ADDR_MASK) & ~mask, p.slpte & 3, p)
             self._live += 1 - len(removed)
             if self._live > self.max_live_maps:
-                c.model_overflow_resets += 1
-                self._drop_all()
+                self._guard_drop()
                 model = self._model(sid, domain)
                 model.add_range(iova, last, (p.slpte & SLPTE_ADDR_MASK) & ~mask, p.slpte & 3, p)
                 self._live = 1
+            self._unghost(domain, iova, last, sid)
         elif kind is IotlbPageHit:
             assert isinstance(p, IotlbPageHit)
             domain = p.domain
+            if self._voids and id(p) in self._voids:
+                void = self._is_void(p, iova, iova | mask)
+                del self._voids[id(p)]
+                if void:  # the entry was invalidated after QEMU used it
+                    model_or_none = IOTLB()
+                    model_or_none.add_range(iova, iova | mask, (p.slpte & SLPTE_ADDR_MASK) & ~mask,
+                                            p.slpte & 3, p)
+                    self._judge_translate(e, p, sid, domain, model_or_none)
+                    return
         else:
             domain = self._sid_domain.get(sid)
         model_or_none = self._models.get((sid, domain)) if domain is not None else None
+        self._judge_translate(e, p, sid, domain, model_or_none)
+
+    def _judge_translate(self, e: DmarTranslate, p: _Pending | None, sid: int,
+                         domain: int | None, model_or_none: IOTLB | None) -> None:
+        c = self.counts
+        iova, gpa = e.iova, e.gpa
         m = model_or_none.first(iova, iova) if model_or_none is not None else None
         if m is None:
+            if domain is not None and self._unjudged(sid, domain, iova):
+                c.not_judged += 1
+                return
             dom = f" domain {domain:#x}" if domain is not None else " (domain unknown)"
             self._diverge(
                 TRANSLATION_WITHOUT_ENTRY,
@@ -706,6 +876,9 @@ class VtdChecker:
         domain = e.domain
         start = ((e.addr >> 12) & ~((1 << e.am) - 1)) << 12
         last = start + (4096 << e.am) - 1
+        self._unghost(domain, start, last)
+        if self._pending:
+            self._void_walks(domain, start, last)
         models = self._by_domain.get(domain)
         if models:
             for model in models.values():
@@ -725,6 +898,8 @@ class VtdChecker:
         else:
             c.inv_domain += 1
         self._drop_domain(e.domain)
+        if self._pending:
+            self._void_walks(e.domain)
         self._record_inv(e.domain, _ALL[0], _ALL[1], e)
 
     def _on_inv_global(self, e: InvIotlbGlobal) -> None:
@@ -733,11 +908,17 @@ class VtdChecker:
         c.inv_global += 1
         self._drop_all()
         self._last_global = e
+        if self._pending:
+            self._void_walks(None)
 
     def _on_iotlb_reset(self, e: IotlbReset) -> None:
         self.counts.resets += 1
         self._drop_all()
         self._last_global = e
+        if self._pending:
+            # vtd_update_iotlb traced its walk, then this reset, then inserts that walk.
+            last = self._last_vtd
+            self._void_walks(None, keep=last if type(last) is IotlbPageUpdate else None)
 
     def _on_cc_reset(self, e: ContextCacheReset) -> None:
         if self._after_cc_global:
@@ -745,6 +926,8 @@ class VtdChecker:
         self.counts.resets += 1  # vtd_reset_caches: IOTLB too
         self._drop_all()
         self._last_global = e
+        if self._pending:
+            self._void_walks(None)
 
     def _on_cc_global(self, e: InvContextGlobal) -> None:
         self.counts.context_invalidations += 1
