@@ -23,6 +23,8 @@ _CHECKS: dict[str, Callable[[Any], bool]] = {
 def check_type(path: str, value: Any, expected: str, error: type[ConfigError] = ConfigError) -> None:
     """``expected`` is a dataclass field's annotation as text (``"int"``, ``"str | None"``...);
     annotations it does not know are not checked."""
+    if isinstance(value, int) and not isinstance(value, bool) and not -(1 << 63) <= value < 1 << 63:
+        raise error(f"{path} is out of range: TOML integers are 64-bit", key=path)
     options = [t.strip() for t in expected.split("|")]
     if value is None and "None" in options:
         return

@@ -6,7 +6,10 @@ what the guest did and what the kernel returned)."""
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
+import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -17,6 +20,9 @@ from harness.vm.agent import AgentChannel
 
 class WorkloadFailed(HarnessError):
     """The guest-side operation did not do what it should (e.g. data did not verify)."""
+
+
+_DEVICE_RE = re.compile(r"/dev/[A-Za-z0-9._+:@/-]{1,200}")
 
 
 def _check_timeout(value: float) -> None:
@@ -58,6 +64,10 @@ class NvmePattern(Workload):
     """Seconds each round may take in the guest before it is reported hung."""
 
     def __post_init__(self) -> None:
+        if not isinstance(self.device, str) or not _DEVICE_RE.fullmatch(self.device) \
+                or ".." in self.device.split("/"):
+            raise ConfigError(f"device must be a block device path under /dev/ (e.g. /dev/nvme0n1), "
+                              f"not {self.device!r}", key="device")
         for name in ("offset", "length", "chunk"):
             value = getattr(self, name)
             if value < 0 or value % 4096:
@@ -95,10 +105,20 @@ class AgentOps(Workload):
 
     def __post_init__(self) -> None:
         _check_timeout(self.timeout)
+        ops = _agent_ops()
         for i, entry in enumerate(self.ops):
             if not isinstance(entry, dict) or not isinstance(entry.get("op"), str) \
                     or not isinstance(entry.get("args", {}), dict) or set(entry) - {"op", "args"}:
                 raise ConfigError(f"ops[{i}] must be a table with a string 'op' and an 'args' table", key=f"ops[{i}]")
+            handler = ops.get(entry["op"])
+            if handler is None:
+                raise ConfigError(f"ops[{i}]: unknown guest agent op {entry['op']!r} (known: {', '.join(sorted(ops))})",
+                                  key=f"ops[{i}].op")
+            try:
+                inspect.signature(handler).bind(**entry.get("args", {}))
+            except TypeError as exc:
+                raise ConfigError(f"ops[{i}]: arguments of {entry['op']!r} do not fit it: {exc}",
+                                  key=f"ops[{i}].args") from None
 
     def run(self, agent: AgentChannel) -> list[dict[str, Any]]:
         records = []
@@ -109,6 +129,13 @@ class AgentOps(Workload):
 
     def to_table(self) -> dict[str, Any]:
         return {"kind": self.kind, "ops": [dict(e) for e in self.ops], "timeout": self.timeout}
+
+
+def _agent_ops() -> dict[str, Callable[..., Any]]:
+    """The guest agent's ops by name (the agent baked into the guest is this package)."""
+    from guest_agent import nvme, system, tracefs  # noqa: F401  (registers the ops)
+    from guest_agent.protocol import OPS
+    return dict(OPS)
 
 
 WORKLOADS: dict[str, type[Workload]] = {cls.kind: cls for cls in (NvmePattern, AgentOps)}
