@@ -56,6 +56,22 @@ def default_cache_root(explicit: str | os.PathLike[str] | None = None) -> Path:
     return Path(platformdirs.user_cache_dir(APP_NAME))
 
 
+PRIVATE_DIR_MODE = 0o700
+PRIVATE_FILE_MODE = 0o600
+"""Modes of cache entries that hold private keys (the SSH key, the root filesystem
+and initrd with the guest's SSH host keys), whatever the umask or the root's mode."""
+
+
+def make_private(directory: Path, *names: str) -> None:
+    """Restrict ``directory`` to its owner (0700) and each existing file ``names`` in it
+    to 0600; idempotent, so entries built before this existed are fixed on use."""
+    os.chmod(directory, PRIVATE_DIR_MODE)
+    for name in names:
+        path = directory / name
+        if path.is_file() and not path.is_symlink():
+            os.chmod(path, PRIVATE_FILE_MODE)
+
+
 def content_key(parts: Mapping[str, str | bytes]) -> str:
     """A short sha256 over named parts (order-independent in the mapping's keys)."""
     h = hashlib.sha256()
@@ -101,16 +117,21 @@ class ImageCache:
                 fcntl.flock(fh, fcntl.LOCK_UN)
 
     @contextlib.contextmanager
-    def building(self, kind: str, key: str) -> Iterator[Path]:
+    def building(self, kind: str, key: str, *, private: bool = False) -> Iterator[Path]:
         """A fresh temporary directory that becomes ``kind/key`` if the block succeeds.
 
         The caller writes its outputs and ``manifest.json`` (last) into it. On any
         exception the temporary directory is removed and nothing is published.
+        ``private``: the directory is 0700 from its creation on (the entry holds
+        private keys; the caller makes those files 0600).
         """
         final = self.entry(kind, key)
         tmp = final.with_name(f"{key}.tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir(mode=PRIVATE_DIR_MODE if private else 0o777)
+        if private:
+            os.chmod(tmp, PRIVATE_DIR_MODE)
         try:
             yield tmp
             if final.exists():

@@ -26,7 +26,7 @@ from importlib.resources import files
 from pathlib import Path
 
 from harness.errors import ImageError
-from harness.images.cache import ImageCache, content_key, recipes_dir
+from harness.images.cache import ImageCache, content_key, make_private, recipes_dir
 from harness.images.cpio import NewcWriter, tar_to_newc
 from harness.images.sshkey import SSHKey
 from harness.images.steps import announce, run_step
@@ -75,6 +75,7 @@ def ensure_base(cache: ImageCache, *, refresh: bool = False) -> Path:
             shutil.rmtree(cache.entry("rootfs", key))
         if not cache.complete("rootfs", key):
             _build_base(cache, key)
+        make_private(cache.entry("rootfs", key), "base.cpio")  # it holds the guest's SSH host private keys
     return cache.entry("rootfs", key)
 
 
@@ -84,7 +85,7 @@ def _build_base(cache: ImageCache, key: str) -> None:
     log.parent.mkdir(parents=True, exist_ok=True)
     log.write_text(f"rootfs build {key}\n")
     announce(f"building guest root filesystem {key} (Debian {SUITE}); log: {log}")
-    with cache.building("rootfs", key) as out:
+    with cache.building("rootfs", key, private=True) as out:
         tar = out / "rootfs.tar"
         argv: list[str] = ["mmdebstrap", "--variant=minbase", "--include=" + ",".join(packages())]
         argv += [f"--dpkgopt=path-exclude={pattern}" for pattern in EXCLUDES]
@@ -131,9 +132,10 @@ def ensure_initrd(cache: ImageCache, key_pair: SSHKey, *, refresh: bool = False)
     host_key = (base / "ssh_host_ed25519_key.pub").read_text().strip()
     with cache.lock("initrd", key):
         if not cache.complete("initrd", key):
-            with cache.building("initrd", key) as out:
+            with cache.building("initrd", key, private=True) as out:
                 target = out / "initrd.cpio"
                 shutil.copyfile(base / "base.cpio", target)
+                make_private(out, "initrd.cpio")  # the guest's SSH host private keys are in it
                 with open(target, "ab") as fh:
                     w = NewcWriter(fh)
                     w.add_file("init", (r / "init").read_bytes(), 0o755)
@@ -147,6 +149,7 @@ def ensure_initrd(cache: ImageCache, key_pair: SSHKey, *, refresh: bool = False)
                     w.close()
                 (out / "manifest.json").write_text(json.dumps({"key": key, "base": base.name}) + "\n")
             _prune_initrds(cache, keep=KEEP_INITRDS)
+        make_private(cache.entry("initrd", key), "initrd.cpio")
     return Initrd(cache.entry("initrd", key) / "initrd.cpio", host_key)
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from harness.images.cache import ImageCache
+from harness.images.cache import PRIVATE_DIR_MODE, PRIVATE_FILE_MODE, ImageCache
 
 
 @dataclass(frozen=True)
@@ -25,8 +25,9 @@ class SSHKey:
 def ensure_ssh_key(cache: ImageCache) -> SSHKey:
     """Return the key pair, creating it atomically on first use."""
     d = cache.path("ssh")
-    d.mkdir(parents=True, exist_ok=True)
-    os.chmod(d, 0o700)
+    d.parent.mkdir(parents=True, exist_ok=True)
+    d.mkdir(mode=PRIVATE_DIR_MODE, exist_ok=True)
+    os.chmod(d, PRIVATE_DIR_MODE)
     priv, pub = d / "id_ed25519", d / "id_ed25519.pub"
     with cache.lock("ssh", "id_ed25519"):
         if not (priv.is_file() and pub.is_file()):
@@ -36,10 +37,11 @@ def ensure_ssh_key(cache: ImageCache) -> SSHKey:
             line = key.public_key().public_bytes(serialization.Encoding.OpenSSH,
                                                  serialization.PublicFormat.OpenSSH)
             tmp = d / f".id_ed25519.{os.getpid()}"
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, PRIVATE_FILE_MODE)
+            os.fchmod(fd, PRIVATE_FILE_MODE)  # a leftover file of the same name keeps its mode otherwise
             with os.fdopen(fd, "wb") as fh:
                 fh.write(pem)
             pub.write_bytes(line + b" dma-harness\n")
             os.replace(tmp, priv)
-    os.chmod(priv, 0o600)
+    os.chmod(priv, PRIVATE_FILE_MODE)
     return SSHKey(priv, pub)
