@@ -58,9 +58,12 @@ from tests.unit.vtd_streams import (
 # Streams are long (a sweep fills QEMU's 1024-entry IOTLB): shrinking one takes
 # minutes, so it is off unless VTD_SHRINK=1; a failure prints the whole stream.
 _PHASES = tuple(Phase) if os.environ.get("VTD_SHRINK") else (Phase.explicit, Phase.reuse, Phase.generate)
-SETTINGS = settings(max_examples=40, deadline=None, derandomize=True, phases=_PHASES,
+# VTD_EXAMPLES scales the number of examples (mutation testing runs them at 0.25).
+_SCALE = float(os.environ.get("VTD_EXAMPLES", "1"))
+SETTINGS = settings(max_examples=max(int(40 * _SCALE), 4), deadline=None, derandomize=True,
+                    phases=_PHASES,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-FEW = settings(SETTINGS, max_examples=12)
+FEW = settings(SETTINGS, max_examples=max(int(12 * _SCALE), 3))
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 RECORDINGS = sorted(DATA.glob("*.trace.xz"))
@@ -429,3 +432,108 @@ def test_qemu_size_limit_reset_with_a_walk_in_flight() -> None:
     report = check_lines(qemu.lines)
     assert report.ok, report.format()
     assert report.counts.resets == 1 and report.counts.iotlb_hits == qemu.counts["iotlb_hits"] > 0
+
+
+# ---- gaps found by mutation testing (docs/mutation.md) --------------------------------
+
+HUGE_WALK = "\n".join([
+    "vtd_iotlb_page_update IOTLB page update sid 0x10 iova 0x200040 slpte 0x40000083 domain 0x2",
+    "vtd_dmar_translate dev 00:02.00 iova 0x200000 -> gpa 0x40000000 mask 0x1fffff",
+])
+
+
+@pytest.mark.parametrize(("slpte", "kind"), [
+    (0x40005003, "unexpected-miss"),  # the 4 KiB page the live 2 MiB map gives 0x205000
+    (0x40006003, "stale-entry"),      # one page off
+    (0x40005001, "stale-entry"),      # other permission
+    (0x40000083, "unexpected-miss"),  # the same 2 MiB page
+])
+def test_walk_inside_a_live_larger_map_agrees_only_at_the_same_offset(slpte: int, kind: str) -> None:
+    text = HUGE_WALK + (f"\nvtd_iotlb_page_update IOTLB page update sid 0x10 iova 0x205010 "
+                        f"slpte {slpte:#x} domain 0x2")
+    report = check_lines(trace(text))
+    assert [(d.kind, d.lineno) for d in report.divergences] == [(kind, 3)], report.format()
+
+
+def test_nvme_commands_unknown_and_malformed_lines_are_counted_each() -> None:
+    lines = [
+        "pci_nvme_read cid 1 nsid 1 nlb 8 count 4096 lba 0x0",
+        "pci_nvme_read cid 2 nsid 1 nlb 8 count 4096 lba 0x8",
+        "pci_nvme_write cid 3 opname 'write' nsid 1 nlb 8 count 4096 lba 0x10",
+        "pci_nvme_write cid 4 opname 'write' nsid 1 nlb 8 count 4096 lba 0x18",
+        "pci_nvme_read cid oops",
+        "pci_nvme_read cid oops again",
+        *trace(HUGE_WALK),
+    ]
+    report = check_lines(lines)
+    c = report.counts
+    assert (c.nvme_commands, c.nvme_reads, c.nvme_writes) == (4, 2, 2)
+    assert c.malformed_lines == 2 and report.conclusive, report.format()  # not vtd_*: a warning
+    assert report.warnings[0].startswith("2 lines of known non-vtd events"), report.warnings
+    bad_vtd = ["vtd_iotlb_page_hit garbage", "vtd_iotlb_page_hit more garbage", *trace(HUGE_WALK)]
+    report = check_lines(bad_vtd)
+    assert report.counts.malformed_lines == 2 and report.warnings == []
+    assert report.inconclusive[0].startswith("2 vtd_* lines could not be parsed (first: line 1:")
+
+
+def test_an_unknown_vtd_line_between_cc_global_and_cc_reset_makes_it_a_full_reset() -> None:
+    text = "\n".join([
+        "vtd_inv_desc_cc_global context invalidate globally",
+        "vtd_reg_write_gcmd whatever",
+        "vtd_context_cache_reset ",
+        HUGE_WALK,
+    ])
+    report = check_lines(trace(text))
+    assert report.counts.resets == 1 and report.counts.unknown_lines == 1, report.format()
+
+
+# ---- the IOTLB model's argument errors (gaps found by mutation testing) ----------------
+
+
+def test_iotlb_argument_errors_name_argument_value_and_reason() -> None:
+    import enum
+
+    from harness.models.iotlb import IOTLB, U32_MAX, U64_MAX, InvalidRange
+
+    class Big(enum.IntEnum):
+        TOP = U64_MAX
+        PERM = U32_MAX
+
+    iotlb = IOTLB()
+    iotlb.add_range(0, Big.TOP, 0, Big.PERM)  # int subclasses at the limits are fine
+    assert iotlb.translate(Big.TOP, 1) == U64_MAX
+    cases = [
+        (lambda: iotlb.add_range("0", 1, 0, 1), "start", "0", "must be an int, not str"),
+        (lambda: iotlb.add_range(-1, 1, 0, 1), "start", -1, "must not be negative"),
+        (lambda: iotlb.add_range(0, 1, U64_MAX + 1, 1), "addr", U64_MAX + 1,
+         f"does not fit in [0, {U64_MAX:#x}]"),
+        (lambda: iotlb.add_range(0, 1, 0, U32_MAX + 1), "perm", U32_MAX + 1,
+         f"does not fit in [0, {U32_MAX:#x}]"),
+        (lambda: iotlb.translate(0, 0), "access", 0,
+         "must be VHOST_MAP_RO (1), VHOST_MAP_WO (2) or VHOST_MAP_RW (3)"),
+        (lambda: iotlb.translate(0, True), "access", True,
+         "must be VHOST_MAP_RO (1), VHOST_MAP_WO (2) or VHOST_MAP_RW (3)"),
+    ]
+    for call, argument, value, reason in cases:
+        with pytest.raises(InvalidRange) as info:
+            call()
+        err = info.value
+        assert (err.argument, err.value, err.reason) == (argument, value, reason)
+        assert err.args == (argument, value, reason)
+        shown = hex(value) if type(value) is int else repr(value)
+        assert str(err) == f"invalid {argument}={shown}: {reason}"
+    assert IOTLB().add_range(0, 0, 0, 0) is None and iotlb.translate(0, Big.PERM & 1) == 0
+
+
+def test_iotlb_iteration_notices_a_reset() -> None:
+    from harness.models.iotlb import IOTLB, IOTLBError
+
+    iotlb = IOTLB()
+    iotlb.reset()  # version 0 -> 1
+    for step in range(3):
+        iotlb.add_range(0x1000 * step, 0x1000 * step + 0xFFF, 0, 1)
+    it = iter(iotlb)
+    next(it)
+    iotlb.reset()
+    with pytest.raises((RuntimeError, IOTLBError)):
+        next(it)
