@@ -28,11 +28,12 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from harness.options import ACCELS, OPTION_HELP
 from harness.errors import (
     AgentError,
+    ConfigError,
     GuestBootTimeout,
     GuestHung,
     GuestPanicked,
@@ -58,7 +59,8 @@ _STATUS_EXIT = {"ok": EXIT_OK, "divergence": EXIT_DIVERGENCE, "inconclusive": EX
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--qemu", help=OPTION_HELP["qemu"])
     p.add_argument("--kernel", help=OPTION_HELP["kernel"])
-    p.add_argument("--accel", choices=ACCELS, help=OPTION_HELP["accel"])
+    # Checked by _check_inputs (one line naming the option), not by argparse's choices.
+    p.add_argument("--accel", metavar="{" + ",".join(ACCELS) + "}", help=OPTION_HELP["accel"])
     p.add_argument("--cache", help=OPTION_HELP["cache"])
 
 
@@ -108,12 +110,155 @@ def build_parser() -> argparse.ArgumentParser:
 def _harness(args: argparse.Namespace) -> Harness:
     from harness.options import HarnessOptions
     from harness.session import Harness
+    _check_inputs(args)
     return Harness(HarnessOptions.from_env(qemu=args.qemu, kernel=args.kernel, accel=args.accel, cache=args.cache,
                                            artifacts=getattr(args, "artifacts", None),
                                            keep_artifacts=getattr(args, "keep_artifacts", None)))
 
 
+def _check_inputs(args: argparse.Namespace) -> None:
+    """Refuse, before anything is read, built or booted, an option or environment
+    value that cannot be what it names: ``--accel`` and the ``DMA_HARNESS_*``
+    choices, ``--cache``/``DMA_HARNESS_CACHE`` and ``--artifacts`` that are not (and
+    cannot become) folders, ``--qemu`` that cannot run, and for ``check`` evidence
+    that is neither a trace file nor an artifacts folder (a FIFO, a device, a folder
+    without ``trace.log``, an evidence file in it that is not a regular file).
+
+    Raises:
+        ConfigError: one line naming the option or variable, the value and what is wrong.
+        VMError: from :func:`harness.vm.machine.find_qemu`.
+    """
+    from harness.images.cache import CACHE_ENV
+    from harness.options import check_env
+    check_env()
+    accel = getattr(args, "accel", None)
+    if accel is not None and accel not in ACCELS:
+        raise ConfigError(f"--accel {accel!r} is not one of {', '.join(ACCELS)}", key="--accel")
+    cache = getattr(args, "cache", None)
+    if cache:
+        _check_folder("--cache", cache)
+    elif os.environ.get(CACHE_ENV):
+        _check_folder(CACHE_ENV, os.environ[CACHE_ENV])
+    if getattr(args, "artifacts", None):
+        _check_folder("--artifacts", args.artifacts)
+    if getattr(args, "qemu", None):
+        from harness.vm.machine import find_qemu
+        find_qemu(args.qemu)
+    if getattr(args, "evidence", None) is not None:
+        _check_evidence(Path(args.evidence))
+
+
+def _file_kind(path: Path) -> str:
+    """What a path that exists is: "a directory", "a FIFO", "a regular file"..."""
+    import stat
+    mode = path.stat().st_mode
+    for test, kind in ((stat.S_ISREG, "a regular file"), (stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return "a special file"
+
+
+def _check_folder(option: str, value: str) -> None:
+    """``value`` is a folder the harness may write into, or one it can create."""
+    path = Path(value).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ConfigError(f"{option} {value!r} is {_file_kind(path)}, not a folder", key=option)
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise ConfigError(f"{option} {value!r} is a folder this user cannot write into", key=option)
+        return
+    parent = path.absolute().parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"{option} {value!r} cannot be created: {str(parent)!r} is {_file_kind(parent)}, "
+                          "not a folder", key=option)
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"{option} {value!r} cannot be created: this user cannot write into {str(parent)!r}",
+                          key=option)
+
+
+def _check_evidence(path: Path) -> None:
+    """``check``'s input: a regular trace file, or a folder whose evidence files are regular files."""
+    from harness.finish import GUEST_TRACE, GUEST_TRACE_INFO, HOST_TRACE, RECORDS, compressed_or_plain
+    if not path.exists():
+        raise ConfigError(f"{str(path)!r} does not exist", key="evidence")
+    kind = _file_kind(path)
+    if kind == "a directory":
+        traces = [f"{HOST_TRACE}{suffix}" for suffix in ("", ".xz", ".gz")]
+        for name in (*traces, GUEST_TRACE, GUEST_TRACE_INFO, RECORDS, "spec.json"):
+            if (path / name).exists() and _file_kind(path / name) != "a regular file":
+                raise ConfigError(f"{str(path / name)!r} is {_file_kind(path / name)}, not a regular file",
+                                  key="evidence")
+        if compressed_or_plain(path / HOST_TRACE) is None:
+            raise ConfigError(f"{str(path)!r} is a folder without {HOST_TRACE}: not an artifacts folder of a run",
+                              key="evidence")
+        _check_evidence_json(path)
+    elif kind != "a regular file":
+        raise ConfigError(f"{str(path)!r} is {kind}, not a trace file or an artifacts folder", key="evidence")
+
+
+def _check_evidence_json(folder: Path) -> None:
+    """The JSON files of an artifacts folder hold what a run writes: ``records.json`` a
+    list of agent calls (``op``, ``args``, ``result``) or op records whose
+    ``nvme.pattern_rw`` I/Os are well formed, ``guest-trace.json`` a table with a
+    count ``lost``, ``spec.json`` a table with a list ``devices``."""
+    from harness.finish import GUEST_TRACE_INFO, RECORDS
+
+    def load(name: str) -> Any:
+        path = folder / name
+        if not path.exists():
+            return None
+        try:
+            return json.loads(path.read_bytes().decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{str(path)!r} is not UTF-8 (byte offset {exc.start})", key="evidence") from None
+        except RecursionError:
+            raise ConfigError(f"{str(path)!r}: cannot read it as JSON: nested too deeply", key="evidence") from None
+        except ValueError as exc:
+            raise ConfigError(f"{str(path)!r}: cannot read it as JSON: {exc}", key="evidence") from None
+
+    def bad(name: str, what: str) -> ConfigError:
+        return ConfigError(f"{str(folder / name)!r}: {what}", key="evidence")
+
+    def count(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1 << 64
+
+    info = load(GUEST_TRACE_INFO)
+    if info is not None and (not isinstance(info, dict) or not count(info.get("lost", 0))):
+        raise bad(GUEST_TRACE_INFO, "not a table whose 'lost' is a count of events")
+    spec = load("spec.json")
+    if spec is not None and (not isinstance(spec, dict) or not isinstance(spec.get("devices", []), list)):
+        raise bad("spec.json", "not a machine spec (a table with a list 'devices')")
+    records = load(RECORDS)
+    if records is None:
+        return
+    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+        raise bad(RECORDS, "not a list of op records")
+    calls = bool(records) and "result" in records[0]
+    for i, rec in enumerate(records):
+        if not isinstance(rec.get("op"), str):
+            raise bad(RECORDS, f"record {i} has no string 'op'")
+        if calls:
+            rec = {"op": rec["op"], **rec["result"]} if isinstance(rec.get("result"), dict) else {}
+        if rec.get("op") != "nvme.pattern_rw" or "ios" not in rec:
+            continue
+        pages = rec.get("buffers_pages", [])
+        if not isinstance(pages, list) or not all(isinstance(b, list) and all(count(p) for p in b) for b in pages):
+            raise bad(RECORDS, f"record {i}: 'buffers_pages' is not a list of lists of page addresses")
+        if not count(rec.get("lba_size", 512)) or not rec.get("lba_size", 512):
+            raise bad(RECORDS, f"record {i}: 'lba_size' is not a positive number of bytes")
+        ios = rec["ios"]
+        if not isinstance(ios, list) or not all(
+                isinstance(io, dict) and all(count(io.get(k)) for k in ("io", "pos", "len"))
+                and count(io.get("buffer", 0)) and io.get("dir") in ("read", "write") for io in ios):
+            raise bad(RECORDS, f"record {i}: 'ios' is not a list of I/Os (io, dir read/write, pos, len, buffer)")
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    _check_inputs(args)
     from harness.run import run_scenario
     from harness.scenario import load_scenario
     scenario = load_scenario(args.config)
@@ -137,6 +282,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_boot(args: argparse.Namespace) -> int:
+    _check_inputs(args)
     from harness.scenario import load_scenario
     from harness.vm.spec import default_machine
     spec = load_scenario(args.config).machine if args.config else default_machine()
@@ -185,6 +331,7 @@ def cmd_bench_iotlb(args: argparse.Namespace) -> int:
 
 
 def cmd_images(args: argparse.Namespace) -> int:
+    _check_inputs(args)
     from harness.images.cache import ImageCache, recipes_dir
     from harness.images.kernel import ensure_kernel, kernel_patches, recipe_key
     from harness.images.rootfs import base_key, ensure_initrd
@@ -218,6 +365,7 @@ def cmd_images(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    _check_inputs(args)
     from harness.finish import check_evidence, evidence_folder_or_trace
     path = Path(args.evidence)
     if not path.exists():

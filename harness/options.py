@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from harness.errors import ConfigError
 from harness.vm.accel import ACCELS
 
 OPTION_HELP: dict[str, str] = {
@@ -16,7 +17,24 @@ OPTION_HELP: dict[str, str] = {
     "artifacts": "folder for failure artifacts (default: artifacts)",
     "keep-artifacts": "save artifacts for passing runs too",
 }
-__all__ = ["ACCELS", "OPTION_HELP", "HarnessOptions"]
+ENV_FLAGS = ("DMA_HARNESS_KEEP_BUILD", "DMA_HARNESS_REQUIRE_VM")
+"""Environment switches: set to 1, or unset (empty counts as unset)."""
+__all__ = ["ACCELS", "ENV_FLAGS", "OPTION_HELP", "HarnessOptions", "check_env"]
+
+
+def check_env() -> None:
+    """Refuse an environment variable of the harness whose value is not one of its choices.
+
+    Raises:
+        ConfigError: names the variable, its value and the choices.
+    """
+    accel = os.environ.get("DMA_HARNESS_ACCEL", "")
+    if accel and accel not in ACCELS:
+        raise ConfigError(f"DMA_HARNESS_ACCEL={accel!r} is not one of {', '.join(ACCELS)}", key="DMA_HARNESS_ACCEL")
+    for name in ENV_FLAGS:
+        value = os.environ.get(name, "")
+        if value not in ("", "1"):
+            raise ConfigError(f"{name}={value!r} is not valid: set it to 1 or leave it unset", key=name)
 
 
 @dataclass(frozen=True)
@@ -33,13 +51,24 @@ class HarnessOptions:
     artifacts: str = "artifacts"
     keep_artifacts: bool = False
 
+    def __post_init__(self) -> None:
+        if self.accel not in ACCELS:
+            raise ConfigError(f"accel must be one of {', '.join(ACCELS)}, not {self.accel!r}", key="accel")
+
     @classmethod
     def from_env(cls, **overrides: object) -> HarnessOptions:
+        """Options from the environment (``DMA_HARNESS_QEMU``, ``_KERNEL``, ``_ACCEL``,
+        ``_CACHE``), each overridden by a value given here that is not None.
+
+        Raises:
+            ConfigError: an environment variable or an option has a value outside its choices.
+        """
+        check_env()
         values: dict[str, object] = {
-            "qemu": os.environ.get("DMA_HARNESS_QEMU"),
-            "kernel": os.environ.get("DMA_HARNESS_KERNEL"),
-            "accel": os.environ.get("DMA_HARNESS_ACCEL", "auto"),
-            "cache": os.environ.get("DMA_HARNESS_CACHE"),
+            "qemu": os.environ.get("DMA_HARNESS_QEMU") or None,
+            "kernel": os.environ.get("DMA_HARNESS_KERNEL") or None,
+            "accel": os.environ.get("DMA_HARNESS_ACCEL") or "auto",
+            "cache": os.environ.get("DMA_HARNESS_CACHE") or None,
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)  # type: ignore[arg-type]

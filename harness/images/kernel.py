@@ -178,11 +178,23 @@ def read_user_kernel(path: str | os.PathLike[str]) -> KernelImage:
     is None when none of them is readable). Nothing is checked here.
 
     Raises:
-        ImageError: the file does not exist.
+        ImageError: the file does not exist, is not a regular file, or is not an
+            x86 bzImage (no ``HdrS`` boot protocol header at offset 0x202).
     """
+    if "\0" in os.fspath(path):
+        raise ImageError(f"kernel {os.fspath(path)!r} is not a valid path (it holds a NUL byte)")
     bz = Path(path).expanduser().resolve()
-    if not bz.is_file():
+    if not bz.exists():
         raise ImageError(f"kernel {str(bz)!r} does not exist")
+    if not bz.is_file():
+        raise ImageError(f"kernel {str(bz)!r} is not a regular file")
+    try:
+        with open(bz, "rb") as fh:
+            header = fh.read(0x206)
+    except OSError as exc:
+        raise ImageError(f"kernel {str(bz)!r} cannot be read: {exc.strerror}") from None
+    if header[0x202:0x206] != b"HdrS":
+        raise ImageError(f"kernel {str(bz)!r} is not an x86 bzImage (no 'HdrS' boot header at offset 0x202)")
     config_path: Path | None = None
     for cand in (bz.with_name(bz.name + ".config"), bz.parent / "config", bz.parent / ".config"):
         if cand.is_file():

@@ -70,9 +70,21 @@ class BootImages:
 def find_qemu(binary: str | None = None) -> str:
     """Resolve the QEMU binary (argument, DMA_HARNESS_QEMU, qemu-system-x86_64 on PATH).
 
-    Raises QEMUNotFound with the install hint.
+    Raises QEMUNotFound with the install hint when there is no such file, and
+    VMError naming the path when it is there but not a file QEMU can run from
+    (a directory, a file without execute permission).
     """
     name = binary or os.environ.get("DMA_HARNESS_QEMU") or "qemu-system-x86_64"
+    if "\0" in name:
+        raise VMError(f"QEMU binary {name!r} is not a valid path (it holds a NUL byte)")
+    if os.sep in name:  # a path: say what is wrong with it rather than "not found"
+        candidate = Path(name)
+        if candidate.is_dir():
+            raise VMError(f"QEMU binary {name!r} is a directory, not an executable")
+        if candidate.exists() and not candidate.is_file():
+            raise VMError(f"QEMU binary {name!r} is not a regular file")
+        if candidate.is_file() and not os.access(candidate, os.X_OK):
+            raise VMError(f"QEMU binary {name!r} is not executable")
     path = shutil.which(name)
     if path is None:
         raise QEMUNotFound(name)
