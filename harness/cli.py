@@ -131,6 +131,10 @@ def _check_inputs(args: argparse.Namespace) -> None:
     from harness.images.cache import CACHE_ENV
     from harness.options import check_env
     check_env()
+    for option in ("qemu", "kernel", "cache", "artifacts", "evidence", "config"):
+        if getattr(args, option, None) == "":
+            name = option if option in ("evidence", "config") else f"--{option}"
+            raise ConfigError(f"{name} is empty: give a path", key=name)
     accel = getattr(args, "accel", None)
     if accel is not None and accel not in ACCELS:
         raise ConfigError(f"--accel {accel!r} is not one of {', '.join(ACCELS)}", key="--accel")

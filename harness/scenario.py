@@ -46,6 +46,9 @@ NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 """A scenario name: safe as a QEMU option value (``-name``: no comma) and as one path
 component (artifacts go to ``<artifacts>/<name>``: no ``/``, never ``.`` or ``..``)."""
 _NVME_DEVICE_RE = re.compile(r"/dev/nvme(\d+)n(\d+)")
+MAX_CMDLINE = 1024
+"""Characters of ``machine.cmdline``: x86 kernels take 2048, the harness's own
+arguments (console, IOMMU, trace events) about 500 of them."""
 
 
 @dataclass(frozen=True)
@@ -194,6 +197,10 @@ def _check_machine_strings(spec: MachineSpec) -> None:
         if value is not None and any(ord(c) < 0x20 or ord(c) == 0x7f for c in value):
             raise DeviceConfigError(f"machine.{name} must not hold control characters, not {value!r}",
                                     key=f"machine.{name}")
+    if len(spec.cmdline) > MAX_CMDLINE:
+        raise DeviceConfigError(f"machine.cmdline must be at most {MAX_CMDLINE} characters (the kernel's command "
+                                f"line holds 2048 with the harness's own arguments), not {len(spec.cmdline)}",
+                                key="machine.cmdline")
     for name in ("kernel", "initrd"):
         value = getattr(spec, name)
         if value is not None and not value:
@@ -213,6 +220,9 @@ def _check_nvme_target(workload: NvmePattern, spec: MachineSpec) -> None:
     """
     match = _NVME_DEVICE_RE.fullmatch(workload.device)
     if match is None:
+        if workload.device.startswith("/dev/nvme"):  # a partition, a character device: never there
+            raise ConfigError(f"workload.device {workload.device!r} is no NVMe namespace's block device "
+                              "(/dev/nvme<controller>n<namespace>, e.g. /dev/nvme0n1)", key="workload.device")
         return
     ctrl_index, ns_index = int(match[1]), int(match[2])
     controllers = [(i, d) for i, d in enumerate(spec.devices) if isinstance(d, NvmeController)]

@@ -143,7 +143,7 @@ WORKLOADS: dict[str, type[Workload]] = {cls.kind: cls for cls in (NvmePattern, A
 
 def workload_from_table(table: dict[str, Any]) -> Workload:
     kind = table.get("kind")
-    if kind not in WORKLOADS:
+    if not isinstance(kind, str) or kind not in WORKLOADS:
         raise ConfigError(f"unknown workload kind {kind!r} (known: {', '.join(WORKLOADS)})", key="workload.kind")
     return from_table(WORKLOADS[kind], table, "workload", convert={"ops": _ops})
 

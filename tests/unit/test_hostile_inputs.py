@@ -17,6 +17,7 @@ hold private keys) are checked for their modes at the end.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import os
 import re
@@ -25,11 +26,15 @@ import stat
 import subprocess
 import sys
 import time
+import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 ROOT = Path(__file__).resolve().parents[2]
 GOOD = (ROOT / "configs" / "intel-iommu-nvme.toml").read_text()
@@ -208,6 +213,9 @@ CONFIG_CASES: dict[str, tuple[Case, tuple[str, ...]]] = {
                                             "workload.device", "controller 1"),
     "device-second-namespace": config_case(toml(**{"workload.device": 'device = "/dev/nvme0n2"'}),
                                            "workload.device", "namespace 2"),
+    "device-partition": config_case(toml(**{"workload.device": 'device = "/dev/nvme0n1p1"'}), "workload.device"),
+    "device-char": config_case(toml(**{"workload.device": 'device = "/dev/nvme0"'}), "workload.device"),
+    "cmdline-too-long": config_case(toml(**{"machine.cmdline": f'cmdline = "{"x" * 4000}"'}), "machine.cmdline"),
     "device-relative": config_case(toml(**{"workload.device": 'device = "nvme0n1"'}), "device must be"),
     "device-dotdot": config_case(toml(**{"workload.device": 'device = "/dev/../etc/passwd"'}), "device must be"),
     "device-nul": config_case(toml(**{"workload.device": 'device = "/dev/nvme0n1\\u0000"'}), "device must be"),
@@ -308,6 +316,12 @@ CLI_CASES: dict[str, tuple[Case, tuple[str, ...]]] = {
                              "is not a regular file"),
     "kernel-fifo": _cli(lambda e: e.run_config(GOOD, "--kernel", e.fifo("kfifo")), "is not a regular file"),
     "kernel-dev-zero": _cli(lambda e: e.run_config(GOOD, "--kernel", "/dev/zero"), "is not a regular file"),
+    "kernel-empty": _cli(lambda e: e.run_config(GOOD, "--kernel", ""), "--kernel is empty"),
+    "cache-empty": _cli(lambda e: e.run_config(GOOD, "--cache", ""), "--cache is empty"),
+    "artifacts-empty": _cli(lambda e: e.run_config(GOOD, "--artifacts", ""), "--artifacts is empty"),
+    "qemu-empty": _cli(lambda e: e.run_config(GOOD, "--qemu", ""), "--qemu is empty"),
+    "config-empty": _cli(lambda e: ["run", "", *e.safe()], "config is empty"),
+    "check-empty": _cli(lambda e: ["check", ""], "evidence is empty"),
     "accel-bogus": _cli(lambda e: e.run_config(GOOD, "--accel", "bogus"), "--accel", "'bogus'"),
     "images-unknown-patch": _cli(lambda e: ["images", "build", "--patch", "../../etc/passwd", "--cache", str(e.cache)],
                                  "unknown kernel patch"),
@@ -497,6 +511,46 @@ def test_the_good_config_passes_every_load_time_check(tmp_path: Path) -> None:
     path = tmp_path / "ok.toml"
     path.write_text(toml(**{"workload.offset": "offset = 66060288"}))  # 63 MiB + 1 MiB: ends exactly at 64 MiB
     assert load_scenario(path).workload.offset == 66060288  # type: ignore[attr-defined]
+
+
+_SCALARS = st.one_of(st.booleans(), st.integers(min_value=-(1 << 70), max_value=1 << 70), st.floats(),
+                    st.text(max_size=20),
+                    st.sampled_from(["", "/dev/nvme0n1", "/dev/nvme3n9", "nvme", "intel-iommu", "agent-ops",
+                                     "nvme-pattern", "q35", "auto", "ping", "x,y=z", "../x"]))
+_VALUES = st.recursive(_SCALARS, lambda inner: st.one_of(st.lists(inner, max_size=3),
+                                                         st.dictionaries(st.text(max_size=8), inner, max_size=3)),
+                       max_leaves=8)
+_PATHS: list[tuple[str | int, ...]] = [
+    ("name",), ("boot_timeout",), ("description",), ("machine",), ("machine", "memory_mib"), ("machine", "cpus"),
+    ("machine", "accel"), ("machine", "cpu"), ("machine", "cmdline"), ("machine", "kernel"), ("machine", "initrd"),
+    ("devices",), ("devices", 0), ("devices", 0, "aw_bits"), ("devices", 0, "caching_mode"), ("devices", 1, "kind"),
+    ("devices", 1, "namespaces"), ("devices", 1, "id"), ("devices", 1, "addr"), ("devices", 1, "serial"),
+    ("devices", 1, "namespaces", 0, "nsid"), ("devices", 1, "namespaces", 0, "size_mib"), ("workload",),
+    ("workload", "kind"), ("workload", "offset"), ("workload", "length"), ("workload", "chunk"),
+    ("workload", "device"), ("workload", "ops"), ("workload", "timeout"), ("workload", "buffers"),
+    ("workload", "rounds"), ("workload", "seed"),
+]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.lists(st.tuples(st.sampled_from(_PATHS), _VALUES), min_size=1, max_size=3))
+def test_any_config_table_loads_or_is_refused_with_a_config_error(edits: list[tuple[tuple[str | int, ...], object]]) \
+        -> None:
+    """Whatever values a config's keys hold, loading gives a scenario (that writes its
+    TOML) or a ConfigError: never another exception, which the CLI reports as its own bug."""
+    from harness.errors import ConfigError
+    from harness.scenario import scenario_from_table
+    table: Any = tomllib.loads(GOOD)
+    for path, value in edits:
+        node = table
+        with contextlib.suppress(KeyError, IndexError, TypeError):
+            for key in path[:-1]:
+                node = node[key]
+            node[path[-1]] = value
+    try:
+        scenario_from_table(table).to_toml()
+    except ConfigError:
+        pass
 
 
 # ------------------------------------------------------------------ private cache entries
