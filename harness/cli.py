@@ -204,6 +204,10 @@ def _check_evidence(path: Path) -> None:
         raise ConfigError(f"{str(path)!r} is {kind}, not a trace file or an artifacts folder", key="evidence")
 
 
+MAX_JSON_EVIDENCE = 256 << 20
+"""Bytes of a JSON file of an artifacts folder read at most (a run's are far smaller)."""
+
+
 def _check_evidence_json(folder: Path) -> None:
     """The JSON files of an artifacts folder hold what a run writes: ``records.json`` a
     list of agent calls (``op``, ``args``, ``result``) or op records whose
@@ -215,6 +219,9 @@ def _check_evidence_json(folder: Path) -> None:
         path = folder / name
         if not path.exists():
             return None
+        if path.stat().st_size > MAX_JSON_EVIDENCE:
+            raise ConfigError(f"{str(path)!r} is larger than {MAX_JSON_EVIDENCE >> 20} MiB: not what a run writes",
+                              key="evidence")
         try:
             return json.loads(path.read_bytes().decode("utf-8"))
         except UnicodeDecodeError as exc:

@@ -355,6 +355,12 @@ def _check(files: dict[str, str | bytes | None], *needles: str,
     return (lambda e: ["check", e.folder("run", files)]), expect, needles
 
 
+def _huge_records(e: Env) -> list[str]:
+    folder = e.folder("run", {"trace.log": "", "records.json": b""})
+    os.truncate(Path(folder) / "records.json", 300 << 20)  # sparse: no disk used
+    return ["check", folder]
+
+
 CHECK_CASES: dict[str, tuple[Case, int, tuple[str, ...]]] = {
     "missing": ((lambda e: ["check", str(e.tmp / "nope")]), 2, ("does not exist",)),
     "fifo": ((lambda e: ["check", e.fifo("trace.log")]), 2, ("is a FIFO",)),
@@ -365,6 +371,7 @@ CHECK_CASES: dict[str, tuple[Case, int, tuple[str, ...]]] = {
                                       ["check", str(e.tmp / "inputs" / "run")])[2]), 2, ("trace.log", "directory")),
     "records-fifo": _check({"trace.log": "", "records.json": None}, "records.json", "FIFO"),
     "guest-trace-fifo": _check({"trace.log": "", "guest-trace.txt": None}, "guest-trace.txt", "FIFO"),
+    "records-huge": (_huge_records, 2, ("records.json", "larger than")),
     "records-not-json": _check({"trace.log": "", "records.json": "["}, "records.json", "JSON"),
     "records-not-utf8": _check({"trace.log": "", "records.json": b"\xff\xfe["}, "records.json"),
     "records-nested": _check({"trace.log": "", "records.json": "[" * 100000}, "records.json"),
