@@ -149,7 +149,9 @@ def ensure_initrd(cache: ImageCache, key_pair: SSHKey, *, refresh: bool = False)
                     w.close()
                 (out / "manifest.json").write_text(json.dumps({"key": key, "base": base.name}) + "\n")
             _prune_initrds(cache, keep=KEEP_INITRDS)
-        make_private(cache.entry("initrd", key), "initrd.cpio")
+        for entry in cache.path("initrd").iterdir():  # older entries hold the same host keys
+            if entry.is_dir() and not entry.is_symlink():
+                make_private(entry, "initrd.cpio")
     return Initrd(cache.entry("initrd", key) / "initrd.cpio", host_key)
 
 

@@ -586,6 +586,12 @@ def test_private_cache_entries(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, 
     os.chmod(base / "base.cpio", 0o644)
     (base / "ssh_host_ed25519_key.pub").write_text("ssh-ed25519 AAAA host\n")
     (base / "manifest.json").write_text("{}")
+    stale = cache.entry("initrd", "older")  # an entry of an earlier overlay, made world-readable
+    stale.mkdir(parents=True)
+    (stale / "initrd.cpio").write_bytes(b"070701")
+    (stale / "manifest.json").write_text("{}")
+    os.chmod(stale, 0o755)
+    os.chmod(stale / "initrd.cpio", 0o644)
     old = os.umask(umask)
     try:
         key = ensure_ssh_key(cache)
@@ -595,6 +601,7 @@ def test_private_cache_entries(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, 
     assert _mode(key.private) == 0o600 and _mode(key.private.parent) == 0o700
     assert _mode(initrd.path) == 0o600 and _mode(initrd.path.parent) == 0o700
     assert _mode(base / "base.cpio") == 0o600 and _mode(base) == 0o700
+    assert _mode(stale / "initrd.cpio") == 0o600 and _mode(stale) == 0o700
     # an entry someone loosened is tightened on the next use
     os.chmod(initrd.path, 0o644)
     os.chmod(initrd.path.parent, 0o755)
