@@ -186,8 +186,9 @@ def scenario_from_table(data: dict[str, Any]) -> Scenario:
 
 def _check_machine_strings(spec: MachineSpec) -> None:
     """Strings that go into QEMU's argv or name host files: no control characters
-    (a NUL cannot be in an argv), and an ``initrd`` of the user's must be a file
-    (QEMU would otherwise fail after it started; a ``kernel`` is checked when read).
+    (a NUL cannot be in an argv), and a ``kernel`` or ``initrd`` of the user's must
+    be a regular file (QEMU would otherwise fail after it started; whether the
+    kernel is a bzImage with what the machine needs is checked when it is read).
 
     Raises:
         DeviceConfigError: ``key`` is ``machine.<field>``.
@@ -205,8 +206,15 @@ def _check_machine_strings(spec: MachineSpec) -> None:
         value = getattr(spec, name)
         if value is not None and not value:
             raise DeviceConfigError(f"machine.{name} must be a file path, not empty", key=f"machine.{name}")
-    if spec.initrd is not None and not Path(spec.initrd).expanduser().is_file():
-        raise DeviceConfigError(f"machine.initrd {spec.initrd!r} is not a regular file", key="machine.initrd")
+    for name in ("kernel", "initrd"):
+        value = getattr(spec, name)
+        if value is None:
+            continue
+        path = Path(value).expanduser()
+        if not path.exists():
+            raise DeviceConfigError(f"machine.{name} {value!r} does not exist", key=f"machine.{name}")
+        if not path.is_file():
+            raise DeviceConfigError(f"machine.{name} {value!r} is not a regular file", key=f"machine.{name}")
 
 
 def _check_nvme_target(workload: NvmePattern, spec: MachineSpec) -> None:
