@@ -464,11 +464,13 @@ def test_nvme_commands_unknown_and_malformed_lines_are_counted_each() -> None:
         "pci_nvme_write cid 4 opname 'write' nsid 1 nlb 8 count 4096 lba 0x18",
         "pci_nvme_read cid oops",
         "pci_nvme_read cid oops again",
+        "pci_nvme_err_invalid_prp ",
+        "pci_nvme_err_invalid_opc opc 0x7f",
         *trace(HUGE_WALK),
     ]
     report = check_lines(lines)
     c = report.counts
-    assert (c.nvme_commands, c.nvme_reads, c.nvme_writes) == (4, 2, 2)
+    assert (c.nvme_commands, c.nvme_reads, c.nvme_writes, c.nvme_errors) == (4, 2, 2, 2)
     assert c.malformed_lines == 2 and report.conclusive, report.format()  # not vtd_*: a warning
     assert report.warnings[0].startswith("2 lines of known non-vtd events"), report.warnings
     bad_vtd = ["vtd_iotlb_page_hit garbage", "vtd_iotlb_page_hit more garbage", *trace(HUGE_WALK)]
