@@ -36,7 +36,7 @@ import pytest
 
 from harness.checks.verdict import Verdict, counts_dict
 from harness.finish import Finished, finish_vm
-from harness.errors import HarnessError, QEMUNotFound
+from harness.errors import ConfigError, HarnessError, QEMUNotFound
 from harness.scenario import Scenario
 from harness.options import ACCELS, OPTION_HELP, HarnessOptions
 from harness.session import Harness
@@ -83,6 +83,17 @@ def pytest_configure(config: pytest.Config) -> None:
     accel = _option(config, "accel")
     if accel not in (None, "", *ACCELS):
         raise pytest.UsageError(f"--dma-accel must be auto, tcg or kvm, not {accel!r}")
+    try:
+        _options(config)  # bad DMA_HARNESS_* environment values are a usage error, named once
+    except ConfigError as exc:
+        raise pytest.UsageError(str(exc)) from None
+
+
+def _options(config: pytest.Config) -> HarnessOptions:
+    return HarnessOptions.from_env(
+        qemu=_option(config, "qemu") or None, kernel=_option(config, "kernel") or None,
+        accel=_option(config, "accel") or None, cache=_option(config, "cache") or None,
+        artifacts=_option(config, "artifacts"), keep_artifacts=bool(_option(config, "keep-artifacts")))
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
@@ -103,10 +114,7 @@ def _failed(item: pytest.Item) -> bool:
 def dma_harness(pytestconfig: pytest.Config) -> Harness:
     if HARNESS_KEY in pytestconfig.stash:
         return pytestconfig.stash[HARNESS_KEY]
-    options = HarnessOptions.from_env(
-        qemu=_option(pytestconfig, "qemu") or None, kernel=_option(pytestconfig, "kernel") or None,
-        accel=_option(pytestconfig, "accel") or None, cache=_option(pytestconfig, "cache") or None,
-        artifacts=_option(pytestconfig, "artifacts"), keep_artifacts=bool(_option(pytestconfig, "keep-artifacts")))
+    options = _options(pytestconfig)
     try:
         h = Harness(options)
         h.images()

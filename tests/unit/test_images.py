@@ -12,6 +12,9 @@ from pathlib import Path
 import pytest
 
 from harness.errors import KernelConfigError
+
+BZ_HEADER = bytes(0x202) + b"HdrS"
+"""The x86 boot header magic a bzImage carries (checked by read_user_kernel): stand-in kernels start with it."""
 from harness.images.cache import ImageCache, content_key
 from harness.images.cpio import NewcWriter, tar_to_newc
 from harness.images.kernel import (cached_kernel, check_kernel, missing_options, parse_kconfig,
@@ -76,7 +79,7 @@ def test_kconfig_parsing_and_required_options():
 
 def test_user_kernel_lacking_an_option_is_refused(tmp_path):
     bz = tmp_path / "bzImage"
-    bz.write_bytes(b"not really a kernel")
+    bz.write_bytes(BZ_HEADER + b"not really a kernel")
     (tmp_path / "config").write_text("\n".join(f"CONFIG_{o}=y" for o in required_options()
                                                if o != "IOMMUFD") + "\n")
     with pytest.raises(KernelConfigError) as info:
@@ -87,7 +90,7 @@ def test_user_kernel_lacking_an_option_is_refused(tmp_path):
 def _user_kernel_lacking(tmp_path: Path, *lacking: str) -> Path:
     """A stand-in bzImage whose config has every option anything may ask for but ``lacking``."""
     bz = tmp_path / "bzImage"
-    bz.write_bytes(b"not really a kernel")
+    bz.write_bytes(BZ_HEADER + b"not really a kernel")
     every = set(required_options()) | set(HARNESS_KERNEL_OPTIONS)
     (tmp_path / "config").write_text("".join(f"CONFIG_{o}=y\n" for o in sorted(every - set(lacking))))
     return bz
@@ -170,7 +173,7 @@ def test_user_kernel_config_is_read_from_its_embedded_ikconfig(tmp_path):
     config = "CONFIG_INTEL_IOMMU=y\n# CONFIG_XEN is not set\n"
     vmlinux = b"\x90" * 512 + b"IKCFG_ST" + gzip.compress(config.encode()) + b"IKCFG_ED" + b"\x90" * 512
     bz = tmp_path / "bzImage"
-    bz.write_bytes(b"\0" * 2048 + gzip.compress(vmlinux) + b"\xff" * 4096)
+    bz.write_bytes(BZ_HEADER + b"\0" * 2048 + gzip.compress(vmlinux) + b"\xff" * 4096)
     kernel = read_user_kernel(bz)
     assert kernel.config is None and kernel.options() == {"INTEL_IOMMU": "y", "XEN": "n"}
     check_kernel(kernel, {"INTEL_IOMMU": ["intel-iommu"]})
@@ -180,7 +183,7 @@ def test_user_kernel_config_is_read_from_its_embedded_ikconfig(tmp_path):
 
 def test_user_kernel_without_readable_config_warns(tmp_path):
     bz = tmp_path / "bzImage"
-    bz.write_bytes(os.urandom(4096))
+    bz.write_bytes(BZ_HEADER + os.urandom(4096))
     with pytest.warns(UserWarning, match="required options not confirmed"):
         k = user_kernel(bz)
     assert k.config is None
