@@ -28,7 +28,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, NoReturn, Any
 
 from harness.options import ACCELS, OPTION_HELP
 from harness.errors import (
@@ -64,8 +64,15 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache", help=OPTION_HELP["cache"])
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (``error: PROG: message``) and exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"error: {self.prog}: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m harness", description=__doc__.split("\n\n")[0])
+    ap = _Parser(prog="python -m harness", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="boot a scenario, run its workload, print the DMA verdict")
