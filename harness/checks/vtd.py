@@ -101,9 +101,9 @@ divergence.  The dropped maps are kept aside as "ghosts" (at most
 ``max_live_maps + 1`` of them) only to recognise those; a ghost leaves when
 an invalidation covers it (from then on its absence is judged as usual) or
 when a walk re-adds its page.  Entries added after the guard fired are
-judged as usual.  If the guard fires again before the ghosts have shrunk,
-they are forgotten and every hit or translation that misses the models is
-not judged until a global invalidation or reset (or, for one domain, a
+judged as usual.  If the guard fires again while ghosts remain, they are
+forgotten and every hit or translation that misses the models is not
+judged until a global invalidation or reset (or, for one domain, a
 domain invalidation) makes the models exact again, except where a page
 invalidation recorded since (``history`` per domain) explains the miss.
 
@@ -428,24 +428,16 @@ class VtdChecker:
     def _guard_drop(self) -> None:
         """The ``max_live_maps`` guard: drop every model, keeping its maps as ghosts."""
         self.counts.model_overflow_resets += 1
-        moved = self._live
-        if self._ghosts_lost or self._ghost_maps + moved > self.max_live_maps + 1:
+        if self._ghosts_lost or self._ghost_maps:
+            # Ghosts of an earlier firing remain: keep none (memory stays bounded).
             self._ghosts.clear()
             self._ghost_maps = 0
             self._ghosts_lost = True
             self._lost_at = self._log_line()
             self._synced_domains.clear()
         else:
-            ghosts = self._ghosts
-            for key, model in self._models.items():
-                ghost = ghosts.get(key)
-                if ghost is None:
-                    ghosts[key] = model
-                    continue
-                for m in model:
-                    self._ghost_maps -= len(ghost.del_range(m.start, m.last))
-                    ghost.add_range(m.start, m.last, m.addr, m.perm, m.opaque)
-            self._ghost_maps += moved
+            self._ghosts = self._models
+            self._ghost_maps = self._live
         self._models = {}
         self._by_domain.clear()
         self._by_sid.clear()

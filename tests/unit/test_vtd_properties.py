@@ -547,3 +547,44 @@ def test_iotlb_iteration_notices_a_reset() -> None:
         iotlb.reset()
         with pytest.raises((RuntimeError, IOTLBError)):
             next(it)
+
+
+def test_guard_firing_again_after_its_ghosts_were_invalidated_keeps_new_ghosts() -> None:
+    text = "\n".join([
+        GUARD,  # fires at 0x3000: ghosts 0x1000 and 0x2000
+        inv_page(0x1000), inv_page(0x2000),  # no ghost left
+        walk(0x4000, 0xD000), walk(0x5000, 0xE000),  # fires again: ghosts 0x3000, 0x4000
+        hit(0x3000, 0xC000),  # a ghost: not judged
+        hit(0x1000, 0xA000),  # invalidated before the second firing: judged
+    ])
+    report = check_lines(trace(text), max_live_maps=2)
+    assert report.counts.model_overflow_resets == 2
+    assert report.counts.not_judged == 2, report.format()
+    assert [(d.kind, d.lineno) for d in report.divergences] == [
+        ("hit-after-invalidation", 15), ("translation-without-entry", 16)], report.format()
+
+
+@pytest.mark.parametrize("offset", [0, 0xFFF])
+def test_lost_ghosts_judge_an_invalidated_page_to_its_first_and_last_byte(offset: int) -> None:
+    text = GUARD + "\n" + inv_page(0x1000) + "\n" + hit(0x1000, 0xA000, offset=offset)
+    report = check_lines(trace(text), max_live_maps=1)
+    assert [d.kind for d in report.divergences][:1] == ["hit-after-invalidation"], report.format()
+
+
+@pytest.mark.parametrize("offset", [0, 0xFFF])
+def test_a_walk_invalidated_before_its_translate_excuses_no_hit_to_its_last_byte(
+        offset: int) -> None:
+    text = "\n".join([
+        "vtd_iotlb_page_update IOTLB page update sid 0x10 iova 0x8000 slpte 0xe003 domain 0x2",
+        "vtd_iotlb_page_update IOTLB page update sid 0x10 iova 0x1000 slpte 0xa003 domain 0x2",
+        inv_page(0x1000),
+        hit(0x1000, 0xA000, offset=offset),  # the invalidated walk's entry: not excused
+        hit(0x8000, 0xE000),  # the other waiting walk's entry: excused
+        translate(0x1000, 0xA000),
+        translate(0x8000, 0xE000),
+    ])
+    report = check_lines(trace(text))
+    assert [(d.kind, d.lineno) for d in report.divergences][:1] == [("hit-after-invalidation", 4)], (
+        report.format())
+    assert all(d.lineno < 6 or d.kind != "hit-after-invalidation" for d in report.divergences)
+    assert 6 not in [d.lineno for d in report.divergences], report.format()
