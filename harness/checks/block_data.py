@@ -141,7 +141,7 @@ class BlockDataChecker:
         self._by_io: dict[int, list[_Command]] = {}
         self._guest_has_events = bool(guest)
         self._collect_commands(guest)
-        host_of = {p.guest: p.host for p in sync.pairs if p.kind == NVME_SUBMIT}
+        host_of = {p.origin: p.host for p in sync.pairs if p.kind == NVME_SUBMIT}
         self._by_host: dict[int, _Command] = {}
         for cmd in self._commands:
             cmd.host_line = host_of.get(cmd.guest_index)

@@ -266,7 +266,7 @@ class GuestIntentChecker:
         where = f"sid {sid:#06x} iova {iova:#x} -> gpa {gpa:#x}"
         pair = self._last_pair(e.lineno)
         ordered = ([("ordered after", TraceLine(pair.host, f"(host side of a {pair.kind} pair)", "host")),
-                    ("guest side", _guest_line(self._guest[pair.guest]))] if pair is not None else [])
+                    ("guest side", _guest_line(self._guest[pair.origin]))] if pair is not None else [])
         if m is not None:
             expected = m.paddr + (iova - m.iova)
             self._log.diverge(

@@ -16,6 +16,10 @@ pair kind                  guest event                          QEMU event      
                            cmdid                                cqid, cid
 ========================  ==================================  =====================================  =========
 
+The guest side of an ``nvme-submit`` pair is moved past the command's own
+data mappings (:func:`_doorbell`): the trace point precedes them, the
+doorbell QEMU answers follows them.
+
 The two sides of a kind are paired by key, occurrence by occurrence (the
 n-th guest submission of (qid, cid) with the n-th QEMU one; the n-th guest
 page invalidation of (did, addr, am) with the n-th QEMU one).
@@ -67,7 +71,14 @@ from harness.trace.events import (
     NvmeEnqueueReqCompletion,
     NvmeIoCmd,
 )
-from harness.trace.guest import GuestEvent, GuestNvmeCompleteRq, GuestNvmeSetupCmd, GuestQiSubmit
+from harness.trace.guest import (
+    GuestDmaMap,
+    GuestEvent,
+    GuestMarker,
+    GuestNvmeCompleteRq,
+    GuestNvmeSetupCmd,
+    GuestQiSubmit,
+)
 
 __all__ = ["INVALIDATION", "NVME_SUBMIT", "NVME_COMPLETE", "SyncPair", "SyncPairs", "guest_sync_key",
            "host_sync_key", "host_sync_keys"]
@@ -142,15 +153,43 @@ def host_sync_keys(events: Iterable[Event], *, nvme: bool = True) -> Iterator[tu
             yield e.lineno, key
 
 
+def _doorbell(guest: Sequence[GuestEvent], pos: int) -> int:
+    """Where the guest certainly was when it rang the doorbell of the command
+    whose ``nvme:nvme_setup_cmd`` is at ``pos``.
+
+    The trace point comes before the driver maps the command's data
+    (drivers/nvme/host/pci.c ``nvme_prep_rq``: ``nvme_setup_cmd`` then
+    ``nvme_map_data``), and the doorbell after it.  So the command's own DMA
+    mappings -- the DMA-API map events of the device that the first one after
+    ``pos`` names, up to the next NVMe event or marker -- are before the
+    doorbell, and with them the guest position QEMU's fetch proves.
+    """
+    device: str | None = None
+    best = pos
+    for later in range(pos + 1, min(len(guest), pos + 64)):
+        e = guest[later]
+        if isinstance(e, (GuestNvmeSetupCmd, GuestNvmeCompleteRq, GuestMarker)):
+            break
+        if isinstance(e, GuestDmaMap):
+            if device is None:
+                device = e.device
+            if e.device == device:
+                best = later
+    return best
+
+
 @dataclass(frozen=True, slots=True)
 class SyncPair:
     """One happening seen by both sides: ``guest`` and ``host`` are positions
-    (indexes into the guest event list, host line numbers)."""
+    (indexes into the guest event list, host line numbers); ``origin`` is the
+    index of the guest's own sync event (``guest`` may be later: see
+    :func:`_doorbell`)."""
 
     kind: str
     key: tuple[int, ...]
     guest: int
     host: int
+    origin: int
 
     @property
     def guest_first(self) -> bool:
@@ -191,12 +230,13 @@ class SyncPairs:
     def build(cls, guest: Sequence[GuestEvent], host: Iterable[tuple[int, SyncKey]], *,
               nvme: bool = True) -> SyncPairs:
         """``host``: ``(lineno, key)`` of QEMU's sync events in trace order."""
-        queues: dict[SyncKey, list[int]] = {}
+        queues: dict[SyncKey, list[tuple[int, int]]] = {}  # key -> [(ordering position, event index)]
         guest_total = 0
         for pos, event in enumerate(guest):
             key = guest_sync_key(event, nvme=nvme)
             if key is not None:
-                queues.setdefault(key, []).append(pos)
+                at = _doorbell(guest, pos) if key[0] == NVME_SUBMIT else pos
+                queues.setdefault(key, []).append((at, pos))
                 guest_total += 1
         heads: dict[SyncKey, int] = {}
         pairs: list[SyncPair] = []
@@ -210,7 +250,8 @@ class SyncPairs:
                     counts.host_unpaired_invalidations += 1
                 continue
             heads[key] = head + 1
-            pairs.append(SyncPair(key[0], key[1], queue[head], lineno))
+            at, origin = queue[head]
+            pairs.append(SyncPair(key[0], key[1], at, lineno, origin))
         counts.pairs = len(pairs)
         counts.invalidation_pairs = sum(1 for p in pairs if p.kind == INVALIDATION)
         counts.nvme_pairs = counts.pairs - counts.invalidation_pairs
@@ -220,7 +261,7 @@ class SyncPairs:
             rest = queue[heads.get(key, 0):]
             if key[0] == INVALIDATION:
                 counts.guest_unpaired_invalidations += len(rest)
-            unpaired.extend((pos, key) for pos in rest)
+            unpaired.extend((origin, key) for _, origin in rest)
         unpaired.sort()
         self = cls(pairs, counts, unpaired[:64])
         self._index()
