@@ -13,6 +13,7 @@ from harness.checks.verdict import Verdict
 from harness.finish import Finished, finish_vm
 from harness.scenario import Scenario
 from harness.session import Harness
+from harness.errors import AgentError
 from harness.workloads import WorkloadFailed
 
 
@@ -46,8 +47,10 @@ def run_scenario(harness: Harness, scenario: Scenario, artifacts_dir: Path | Non
     and QEMU's events, run every checker, save artifacts when it did not pass or
     ``keep_artifacts`` is set).
 
-    A workload that finds its data corrupted (:class:`WorkloadFailed`) is a
-    failure of the system under test: it goes into the verdict, not an exception.
+    A workload that finds its data corrupted (:class:`WorkloadFailed`) or whose
+    guest op fails (:class:`AgentError`, e.g. an I/O error) is a failure of the
+    system under test: it goes into the verdict, and the evidence is still
+    checked (the checkers then say where the DMA went).
     Other exceptions (the guest did not come up, died, an agent op failed)
     propagate after the VM is torn down; the evidence (console log, argv, traces)
     is saved to ``artifacts_dir`` first.
@@ -72,7 +75,7 @@ def run_scenario(harness: Harness, scenario: Scenario, artifacts_dir: Path | Non
         error: BaseException | None = None
         try:
             records = scenario.workload.run(vm.agent)
-        except WorkloadFailed as exc:
+        except (WorkloadFailed, AgentError) as exc:  # the guest's own op failed: judge what it did
             failures.append(str(exc))
         except Exception as exc:  # re-raised below, after the evidence is saved
             error = exc
