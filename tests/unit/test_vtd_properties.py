@@ -588,3 +588,100 @@ def test_a_walk_invalidated_before_its_translate_excuses_no_hit_to_its_last_byte
         report.format())
     assert all(d.lineno < 6 or d.kind != "hit-after-invalidation" for d in report.divergences)
     assert 6 not in [d.lineno for d in report.divergences], report.format()
+
+
+def update(iova: int, gpa: int, sid: int = 0x10, domain: int = 2) -> str:
+    """A walk whose translate is printed later (another thread's lines in between)."""
+    return (f"vtd_iotlb_page_update IOTLB page update sid {sid:#x} iova {iova:#x} "
+            f"slpte {gpa | 3:#x} domain {domain:#x}")
+
+
+def test_domain_invalidation_after_the_guard_drops_that_domains_ghosts() -> None:
+    flush = "vtd_inv_desc_iotlb_domain iotlb invalidate whole domain 0x2"
+    report = check_lines(trace(GUARD + "\n" + flush + "\n" + hit(0x1000, 0xA000)), max_live_maps=2)
+    assert [d.kind for d in report.divergences][:1] == ["hit-after-invalidation"], report.format()
+    assert report.counts.not_judged == 0
+    other = GUARD + "\n" + flush.replace("0x2", "0x3") + "\n" + hit(0x1000, 0xA000)
+    report = check_lines(trace(other), max_live_maps=2)
+    assert report.ok and report.counts.not_judged == 2, report.format()
+
+
+def test_domain_invalidation_after_lost_ghosts_outlives_the_invalidation_history() -> None:
+    text = "\n".join([GUARD, "vtd_inv_desc_iotlb_domain iotlb invalidate whole domain 0x2",
+                      inv_page(0x9000), hit(0x2000, 0xB000)])
+    report = check_lines(trace(text), max_live_maps=1, history=1)
+    assert [d.kind for d in report.divergences][:1] == ["hit-after-invalidation"], report.format()
+
+
+def test_domain_invalidation_counts_the_maps_it_drops() -> None:
+    text = "\n".join([
+        walk(0x5000, 0x15000, domain=3), walk(0x6000, 0x16000, domain=3),
+        walk(0x1000, 0x11000), walk(0x1000, 0x11000, sid=0x18),
+        "vtd_inv_desc_iotlb_domain iotlb invalidate whole domain 0x2",  # 2 maps left
+        walk(0x7000, 0x17000, domain=3), walk(0x8000, 0x18000, domain=3),  # 4: fits
+        walk(0x9000, 0x19000, domain=3),  # 5 > 4
+    ])
+    report = check_lines(trace(text), max_live_maps=4)
+    assert report.ok and report.counts.model_overflow_resets == 1, report.format()
+
+
+def test_pasid_invalidations_act_on_the_domain_and_are_counted_apart() -> None:
+    text = "\n".join([
+        walk(0x1000, 0xA000), walk(0x2000, 0xB000),
+        "vtd_inv_desc_iotlb_pasid_pages iotlb invalidate domain 0x2 addr 0x1000 mask 0x0 pasid 0x1",
+        "vtd_inv_desc_iotlb_pasid_pages iotlb invalidate domain 0x2 addr 0x1000 mask 0x0 pasid 0x1",
+        walk(0x1000, 0xA000),
+        "vtd_inv_desc_iotlb_pasid iotlb invalidate domain 0x2 pasid 0x1",
+        "vtd_inv_desc_iotlb_pasid iotlb invalidate domain 0x2 pasid 0x1",
+        walk(0x2000, 0xB000),
+    ])
+    report = check_lines(trace(text))
+    c = report.counts
+    assert report.ok, report.format()
+    assert (c.invalidations, c.inv_pasid, c.inv_pages, c.inv_domain) == (4, 4, 0, 0)
+
+
+def test_invalidating_address_zero_voids_only_waiting_walks_of_that_page() -> None:
+    text = "\n".join([update(0x5000, 0xE000), inv_page(0x0), translate(0x5000, 0xE000),
+                      hit(0x5000, 0xE000)])
+    report = check_lines(trace(text))
+    assert report.ok, report.format()
+
+
+@pytest.mark.parametrize("flush", [
+    "vtd_inv_desc_iotlb_global iotlb invalidate global",
+    "vtd_inv_desc_iotlb_domain iotlb invalidate whole domain 0x2",
+])
+def test_a_wide_invalidation_voids_every_waiting_walk(flush: str) -> None:
+    text = "\n".join([
+        update(0x5000, 0xE000, domain=3), update(0x1000, 0xA000), update(0x2000, 0xB000),
+        flush,
+        translate(0x5000, 0xE000), translate(0x1000, 0xA000), translate(0x2000, 0xB000),
+        walk(0x1000, 0xA000), walk(0x2000, 0xB000),  # QEMU walks again: no lost invalidation
+    ])
+    report = check_lines(trace(text))
+    assert report.ok, report.format()
+
+
+def test_page_invalidation_after_a_wide_one_still_voids_later_waiting_walks() -> None:
+    text = "\n".join([
+        update(0x5000, 0xE000),
+        "vtd_inv_desc_iotlb_domain iotlb invalidate whole domain 0x2",  # voids 0x5000
+        update(0x1000, 0xA000),
+        inv_page(0x1000),  # voids 0x1000 too
+        translate(0x5000, 0xE000), translate(0x1000, 0xA000),
+        walk(0x1000, 0xA000), walk(0x5000, 0xE000),
+    ])
+    report = check_lines(trace(text))
+    assert report.ok, report.format()
+
+
+def test_many_page_invalidations_during_a_walk_are_summarised() -> None:
+    invalidations = [inv_page(0x100000 + 0x1000 * i) for i in range(20)]
+    text = "\n".join([update(0x1000, 0xA000), *invalidations, translate(0x1000, 0xA000),
+                      hit(0x1000, 0xA000)])
+    report = check_lines(trace(text))
+    assert report.ok, report.format()
+    covered = "\n".join([update(0x108000, 0xA000), *invalidations, translate(0x108000, 0xA000),
+                         walk(0x108000, 0xA000)])
+    assert check_lines(trace(covered)).ok
