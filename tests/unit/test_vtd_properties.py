@@ -284,15 +284,15 @@ GUARD = "\n".join([walk(0x1000, 0xA000), walk(0x2000, 0xB000), walk(0x3000, 0xC0
 
 
 def test_hits_on_entries_the_guard_dropped_are_not_judged() -> None:
-    report = check_lines(trace(GUARD + "\n" + hit(0x1000, 0xA000) + "\n" + hit(0x3000, 0xC000)),
-                         max_live_maps=2)
+    report = check_lines(trace("\n".join([GUARD, hit(0x1000, 0xA000), hit(0x3000, 0xC000),
+                                          hit(0x2000, 0xB000)])), max_live_maps=2)
     c = report.counts
     assert report.ok, report.format()
-    assert c.model_overflow_resets == 1 and c.not_judged == 2  # the hit and its translate
-    assert c.iotlb_hits == 2 and c.translations == 5
+    assert c.model_overflow_resets == 1 and c.not_judged == 4  # two hits and their translates
+    assert c.iotlb_hits == 3 and c.translations == 6
     assert report.warnings == [
         "the models exceeded 2 maps 1 times and were dropped (is vtd_iotlb_reset traced?)",
-        ("2 hits/translations were not judged: their entries had been dropped when the "
+        ("4 hits/translations were not judged: their entries had been dropped when the "
          "models exceeded 2 maps"),
     ]
 
@@ -685,3 +685,33 @@ def test_many_page_invalidations_during_a_walk_are_summarised() -> None:
     covered = "\n".join([update(0x108000, 0xA000), *invalidations, translate(0x108000, 0xA000),
                          walk(0x108000, 0xA000)])
     assert check_lines(trace(covered)).ok
+
+
+def test_global_invalidation_after_the_guard_lets_the_next_firing_keep_ghosts() -> None:
+    text = "\n".join([
+        GUARD,  # fires: ghosts 0x1000, 0x2000
+        "vtd_inv_desc_iotlb_global iotlb invalidate global",  # nothing left, exact again
+        walk(0x4000, 0xD000), walk(0x5000, 0xE000), walk(0x6000, 0xF000),  # fires again
+        hit(0x4000, 0xD000),  # a ghost of the second firing: not judged
+        hit(0x1000, 0xA000),  # invalidated by the global invalidation: judged
+    ])
+    report = check_lines(trace(text), max_live_maps=2)
+    assert report.counts.model_overflow_resets == 2 and report.counts.not_judged == 2
+    assert [d.kind for d in report.divergences][:1] == ["hit-after-invalidation"], report.format()
+
+
+def test_a_translate_whose_hit_line_is_lost_uses_the_sids_last_domain() -> None:
+    text = "\n".join([walk(0x1000, 0xA000, domain=3), hit(0x1000, 0xA000, domain=3),
+                      translate(0x1000, 0xA000)])
+    report = check_lines(trace(text))
+    assert report.ok, report.format()
+
+
+def test_a_hit_on_a_page_never_walked_says_so() -> None:
+    report = check_lines(trace(hit(0x1000, 0xA000)))
+    first = report.divergences[0]
+    assert first.kind == "hit-after-invalidation" and first.related == []
+    assert first.message == (
+        "sid 0x0010 (00:02.0) domain 0x2 iova 0x1080: QEMU's IOTLB hit (gpa 0xa000 rw) but "
+        "the model holds no live entry; no invalidation of it recorded (never walked in this "
+        "trace?)")
