@@ -9,11 +9,12 @@ import pytest
 from harness.vm.machine import RUN_PREFIX, run_base
 
 
-def harness_qemu_pids(owner: int | None = None) -> list[int]:
+def harness_qemu_pids(owner: int | None = None, base: Path | None = None) -> list[int]:
     """PIDs of QEMU processes started by the harness (their argv names a run dir).
 
     ``owner``: only those whose run directory says this process made them (its
-    ``owner.pid``), or whose run directory is already gone (an orphan); None: all.
+    ``owner.pid``), or whose run directory is already gone (an orphan); ``base``:
+    only those whose run directory is under that folder; neither: all.
     """
     pids = []
     for entry in Path("/proc").iterdir():
@@ -26,6 +27,8 @@ def harness_qemu_pids(owner: int | None = None) -> list[int]:
         if b"qemu-system" not in cmdline or RUN_PREFIX.encode() not in cmdline:
             continue
         if owner is not None and _run_dir_owner(cmdline) not in (owner, None):
+            continue
+        if base is not None and str(base).encode() + b"/" + RUN_PREFIX.encode() not in cmdline:
             continue
         pids.append(int(entry.name))
     return pids

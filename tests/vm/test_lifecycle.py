@@ -83,7 +83,7 @@ def test_keyboard_interrupt_in_cli_tears_everything_down(dma_harness, no_leftove
     assert proc.returncode == 130, (out, err)
     assert "Traceback" not in err
     assert list(tmp_path.glob("dma-harness-*")) == []
-    assert harness_qemu_pids() == []
+    assert harness_qemu_pids(base=tmp_path) == []
 
 
 def test_sigkilled_harness_takes_qemu_with_it(dma_harness, no_leftovers, tmp_path):
@@ -100,9 +100,9 @@ def test_sigkilled_harness_takes_qemu_with_it(dma_harness, no_leftovers, tmp_pat
     proc.kill()
     proc.wait()
     deadline = time.monotonic() + 10
-    while harness_qemu_pids() and time.monotonic() < deadline:
+    while harness_qemu_pids(base=tmp_path) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert harness_qemu_pids() == []
+    assert harness_qemu_pids(base=tmp_path) == []
     from harness.vm.machine import sweep_stale_run_dirs
     assert len(sweep_stale_run_dirs(tmp_path)) == 1
     assert list(tmp_path.glob("dma-harness-*")) == []
