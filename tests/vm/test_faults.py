@@ -299,7 +299,7 @@ def test_run_directory_full_at_start(harness_run, small_tmpfs, measured) -> None
     ended = harness_run(base=base).end()
     measured("seconds_to_report", ended.seconds)
     assert ended.returncode == 2, ended
-    assert ended.first_line == "error: [Errno 28] No space left on device", ended.stderr
+    assert ended.first_line.startswith("error: ") and "No space left on device" in ended.first_line, ended.stderr
     assert_clean_stderr(ended)
     assert ended.seconds < 30, ended.seconds
     assert_nothing_left(base)
@@ -308,10 +308,9 @@ def test_run_directory_full_at_start(harness_run, small_tmpfs, measured) -> None
 
 def test_run_directory_fills_during_workload(harness_run, small_tmpfs, measured) -> None:
     """A 256 KiB run directory: boot fits, the workload's 256 KiB of NVMe data do
-    not. QEMU's NVMe model returns the host's ENOSPC to the guest as a media
-    error, so today this is reported as the system under test failing (exit 1)
-    where it is the host's disk (exit 2): an expected failure until the harness
-    tells them apart. Cleanup is asserted either way."""
+    not (QEMU hands the host's ENOSPC to the guest as a media error). The run is
+    still judged, and writing its evidence into the full run directory fails:
+    exit 2 (the host's disk, not the system under test), one line."""
     base = small_tmpfs("256k")
     run = harness_run(base=base)
     ended = run.end(timeout=150)
@@ -319,11 +318,9 @@ def test_run_directory_fills_during_workload(harness_run, small_tmpfs, measured)
     assert_clean_stderr(ended)
     assert_nothing_left(base)
     assert list(base.iterdir()) == []
-    assert len(ended.stderr.strip().splitlines()) == 1, ended.stderr
-    if ended.returncode == 1 and "failed: OSError" in ended.first_line:
-        pytest.xfail(f"a full run directory is reported as the guest's I/O error: {ended.first_line}")
     assert ended.returncode == 2, ended
-    assert "No space left on device" in ended.first_line, ended.stderr
+    assert len(ended.stderr.strip().splitlines()) == 1, ended.stderr
+    assert ended.first_line.startswith("error: ") and "No space left on device" in ended.first_line, ended.stderr
 
 
 def test_cache_full_during_initrd_build(dma_harness, small_tmpfs, run_base: Path, measured) -> None:
@@ -346,8 +343,8 @@ def test_cache_full_during_initrd_build(dma_harness, small_tmpfs, run_base: Path
     assert proc.returncode == 2, (proc.stdout, proc.stderr)
     assert "Traceback" not in proc.stderr
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: [Errno 28] No space left on device"), proc.stderr
-    assert "/initrd/" in lines[0] and "initrd.cpio" in lines[0], lines[0]
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert "No space left on device" in lines[0] and "initrd" in lines[0], lines[0]
     assert seconds < 30, seconds
     leftovers = sorted(p.name for p in (root / "initrd").iterdir())
     assert all(name.endswith(".lock") for name in leftovers), leftovers  # no entry, no *.tmp-PID
