@@ -11,16 +11,19 @@ copy, seen to fail the tests named, and reverted):
 
 1. ``_pending_walk_matches`` returning True whenever a walk is pending (a hit
    excused without comparing slpte and domain):
-   ``test_hit_after_invalidation_is_not_excused_by_an_unrelated_pending_walk``
-   (and ``test_each_fault_is_reported_first_at_its_line`` when it draws a
-   pending walk).
+   ``test_hit_after_invalidation_is_not_excused_by_an_unrelated_pending_walk``,
+   ``test_a_hit_on_a_walk_invalidated_before_its_translate_is_not_excused``
+   (and ``test_each_fault_is_reported_first_at_its_line`` for the dropped
+   invalidations, when it draws a pending walk).
 2. ``_on_update`` checking a walk only against the model of its own domain
    instead of every domain of the sid:
-   ``test_walk_is_checked_against_every_domain_of_its_sid`` and
+   ``test_walk_is_checked_against_every_domain_of_its_sid``,
+   ``test_a_domain_invalidation_keeps_the_sids_models_of_other_domains`` and
    ``test_each_fault_is_reported_first_at_its_line[untraced-invalidation]``.
 3. ``_drop_domain`` leaving ``_by_sid`` stale (a false ``stale-entry`` or
    ``unexpected-miss`` when a page is walked again after a domain
-   invalidation): ``test_correct_qemu_gives_no_divergence``.
+   invalidation): ``test_correct_qemu_gives_no_divergence`` (and most fault
+   tests, whose clean prefix then diverges first).
 4. The live-map count and the guard (e.g. ``_live`` not decremented on an
    invalidation; the guard's dropped entries reported as
    ``hit-after-invalidation``): ``test_guard_does_not_fire_while_the_models_fit``,
