@@ -469,6 +469,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; every VM was shut down", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except SystemExit as exc:
+        if exc.code == 128 + signal.SIGTERM:  # raised by _sigterm once every VM has unwound
+            print("terminated; every VM was shut down", file=sys.stderr)
+        raise
     except GuestBootTimeout as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_DIVERGENCE if exc.exitcode is not None else EXIT_USAGE

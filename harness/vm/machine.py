@@ -400,7 +400,19 @@ class VM:
         return self._ssh
 
     def ssh_run(self, command: str, timeout: float = 60.0) -> tuple[int, str, str]:
-        return ssh_mod.run(self.ssh(), command, timeout)
+        """Run ``command`` over SSH: (exit status, stdout, stderr).
+
+        Raises VMError when the session fails (sshd gone, connection cut); the
+        broken client is dropped, so the next call connects afresh.
+        """
+        try:
+            return ssh_mod.run(self.ssh(), command, timeout)
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            if self._ssh is not None:
+                with contextlib.suppress(Exception):
+                    self._ssh.close()
+                self._ssh = None
+            raise VMError(f"{self.name}: SSH command {command!r} failed: {exc}") from exc
 
     # ------------------------------------------------------------------ teardown
     def shutdown(self) -> None:
