@@ -43,3 +43,23 @@ def _run_dir_owner(cmdline: bytes) -> int | None:
         return int((Path(m.group(1).decode(errors="replace")) / "owner.pid").read_text())
     except (OSError, ValueError):
         return None
+
+
+def own_run_dirs() -> list[Path]:
+    """Run directories owned by this test process."""
+    out = []
+    for d in run_base().glob(RUN_PREFIX + "*"):
+        try:
+            if int((d / "owner.pid").read_text()) == os.getpid():
+                out.append(d)
+        except (OSError, ValueError):
+            continue
+    return out
+
+
+@pytest.fixture
+def no_leftovers():
+    """Asserts, after the test, that no harness QEMU process or run directory remains."""
+    yield
+    assert harness_qemu_pids(owner=os.getpid()) == [], "QEMU processes left running"
+    assert own_run_dirs() == [], "run directories left behind"
