@@ -50,7 +50,7 @@ from harness.errors import (
 )
 from harness.finish import finish_vm
 from harness.session import Harness
-from harness.vm.machine import RUN_PREFIX, VM, run_base
+from harness.vm.machine import VM, owned_run_dirs
 from harness.vm.spec import MachineSpec, default_machine
 from harness.workloads import NvmePattern, WorkloadFailed
 
@@ -193,17 +193,6 @@ def _qemu_processes(run_dirs: Sequence[Path]) -> list[str]:
     return found
 
 
-def _own_run_dirs() -> list[Path]:
-    out = []
-    for d in run_base().glob(RUN_PREFIX + "*"):
-        try:
-            if int((d / "owner.pid").read_text()) == os.getpid():
-                out.append(d)
-        except (OSError, ValueError):
-            continue
-    return out
-
-
 class CacheWatch:
     """The image cache's entries (``kind/name``), and the keys other processes build."""
 
@@ -339,7 +328,7 @@ def soak_one(harness: Harness, spec: MachineSpec, index: int, fault: str | None,
     finally:
         vm.close()
     out.leaks += _qemu_processes(run_dirs)
-    out.leaks += [f"run directory {d}" for d in sorted(set(run_dirs) | set(_own_run_dirs())) if d.exists()]
+    out.leaks += [f"run directory {d}" for d in sorted(set(run_dirs) | set(owned_run_dirs())) if d.exists()]
     fds_after = _open_fds()
     extra = sorted(set(fds_after) - set(fds_before))
     if len(fds_after) > len(fds_before):

@@ -95,6 +95,20 @@ def run_base() -> Path:
     return Path(os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir())
 
 
+def owned_run_dirs(owner: int | None = None, base: Path | None = None) -> list[Path]:
+    """Run directories under ``base`` (default :func:`run_base`) whose ``owner.pid``
+    is ``owner`` (default: this process)."""
+    me = os.getpid() if owner is None else owner
+    out = []
+    for d in (base or run_base()).glob(RUN_PREFIX + "*"):
+        try:
+            if int((d / "owner.pid").read_text()) == me:
+                out.append(d)
+        except (OSError, ValueError):
+            continue
+    return out
+
+
 def sweep_stale_run_dirs(base: Path | None = None) -> list[Path]:
     """Remove run directories whose owning harness process is gone (it was SIGKILLed)."""
     removed = []

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.vm.machine import RUN_PREFIX, run_base
+from harness.vm.machine import RUN_PREFIX, owned_run_dirs
 
 
 def harness_qemu_pids(owner: int | None = None, base: Path | None = None) -> list[int]:
@@ -47,14 +47,7 @@ def _run_dir_owner(cmdline: bytes) -> int | None:
 
 def own_run_dirs() -> list[Path]:
     """Run directories owned by this test process."""
-    out = []
-    for d in run_base().glob(RUN_PREFIX + "*"):
-        try:
-            if int((d / "owner.pid").read_text()) == os.getpid():
-                out.append(d)
-        except (OSError, ValueError):
-            continue
-    return out
+    return owned_run_dirs()
 
 
 @pytest.fixture
