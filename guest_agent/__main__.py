@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
+import pkgutil
 import sys
 import time
 
-from guest_agent import nvme, system, tracefs  # noqa: F401  (registers ops)
+import guest_agent
+from guest_agent import system
 from guest_agent.protocol import serve
+
+
+def load_ops() -> None:
+    """Import every module of the agent: each registers its ops with ``@op``."""
+    for mod in pkgutil.iter_modules(guest_agent.__path__):
+        if mod.name not in ("__main__", "protocol"):
+            importlib.import_module(f"guest_agent.{mod.name}")
 
 
 def find_port(name: str, timeout: float = 30.0) -> str:
@@ -35,6 +45,7 @@ def main() -> None:
     g.add_argument("--serial", metavar="NAME", help="virtio-serial port name")
     g.add_argument("--stdio", action="store_true", help="serve on stdin/stdout")
     args = ap.parse_args()
+    load_ops()
     hello = {"event": "ready", "uptime": system.uptime(), "pid": os.getpid()}
     if args.stdio:
         serve(sys.stdin.buffer, sys.stdout.buffer, hello)

@@ -26,18 +26,30 @@ def handle(line: bytes) -> dict[str, Any]:
         args = req.get("args") or {}
     except (ValueError, KeyError, AttributeError) as exc:
         return {"id": None, "ok": False, "error": {"type": "BadRequest", "message": str(exc)}}
+    return {"id": rid, **dispatch(name, args)}
+
+
+def dispatch(name: str, args: dict[str, Any]) -> dict[str, Any]:
+    """Run one op: ``{"ok": True, "result": ...}`` or ``{"ok": False, "error": {...}}``."""
     fn = OPS.get(name)
     if fn is None:
-        return {"id": rid, "ok": False, "error": {"type": "UnknownOp", "message": f"unknown op {name!r}",
-                                                  "known": sorted(OPS)}}
+        return {"ok": False, "error": {"type": "UnknownOp", "message": f"unknown op {name!r}",
+                                       "known": sorted(OPS)}}
     try:
-        return {"id": rid, "ok": True, "result": fn(**args)}
+        return {"ok": True, "result": fn(**args)}
     except OSError as exc:
-        return {"id": rid, "ok": False, "error": {"type": type(exc).__name__, "errno": exc.errno,
-                                                  "message": str(exc)}}
+        return {"ok": False, "error": {"type": type(exc).__name__, "errno": exc.errno, "message": str(exc)}}
     except Exception as exc:  # reported to the host, which raises AgentError
-        return {"id": rid, "ok": False, "error": {"type": type(exc).__name__, "message": str(exc),
-                                                  "traceback": traceback.format_exc()}}
+        return {"ok": False, "error": {"type": type(exc).__name__, "message": str(exc),
+                                       "traceback": traceback.format_exc()}}
+
+
+@op("batch")
+def batch(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Run ``[{"op": name, "args": {...}}, ...]`` in order in one round trip; one
+    ``{"ok": ..., "result" | "error": ...}`` per call (a failing call does not stop
+    the rest: each ioctl op reports its errno in its result anyway)."""
+    return [dispatch(c["op"], c.get("args") or {}) for c in calls]
 
 
 def serve(rfile: BinaryIO, wfile: BinaryIO, hello: dict[str, Any]) -> None:
@@ -54,7 +66,8 @@ def serve(rfile: BinaryIO, wfile: BinaryIO, hello: dict[str, Any]) -> None:
             continue
         reply = handle(line)
         send(reply)
-        if reply.get("ok") and reply.get("result", {}).get("then") == "poweroff":
+        result = reply.get("result")
+        if reply.get("ok") and isinstance(result, dict) and result.get("then") == "poweroff":
             from guest_agent import system
             system.power_off()
     os._exit(0)
