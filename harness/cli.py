@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--json", action="store_true", help="print the result as JSON")
     _common(run)
 
-    bench = sub.add_parser("bench", help="benchmarks: boot time, IOTLB model")
+    bench = sub.add_parser("bench", help="benchmarks: boot time, IOTLB and pinning models")
     bsub = bench.add_subparsers(dest="bench", required=True)
     boot = bsub.add_parser("boot", help="time from QEMU start to the guest agent answering")
     boot.add_argument("--runs", type=int, default=5)
@@ -93,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(boot)
     it = bsub.add_parser("iotlb", help="IOTLB model operations per second at 1k/10k/100k maps")
     it.add_argument("--ops", type=int, default=20000)
+    pin = bsub.add_parser("pinning", help="pinning model (iommufd IOAS) operations per second at 1k/10k/100k areas")
+    pin.add_argument("--ops", type=int, default=20000)
 
     images = sub.add_parser("images", help="build or show the guest images")
     isub = images.add_subparsers(dest="images", required=True)
@@ -355,6 +357,11 @@ def cmd_bench_iotlb(args: argparse.Namespace) -> int:
     return int(iotlb.main(["--ops", str(args.ops)]))
 
 
+def cmd_bench_pinning(args: argparse.Namespace) -> int:
+    from harness.bench import pinning
+    return int(pinning.main(["--ops", str(args.ops)]))
+
+
 def cmd_images(args: argparse.Namespace) -> int:
     _check_inputs(args)
     from harness.images.cache import ImageCache, recipes_dir
@@ -464,7 +471,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "soak": cmd_soak}
     try:
         if args.command == "bench":
-            return cmd_bench_boot(args) if args.bench == "boot" else cmd_bench_iotlb(args)
+            bench = {"boot": cmd_bench_boot, "iotlb": cmd_bench_iotlb, "pinning": cmd_bench_pinning}
+            return bench[args.bench](args)
         return handlers[args.command](args)
     except KeyboardInterrupt:
         print("interrupted; every VM was shut down", file=sys.stderr)
