@@ -1,4 +1,4 @@
-"""Command line: ``python -m harness {run,check,bench,images,doctor}``.
+"""Command line: ``python -m harness {run,check,bench,images,doctor,soak,difftest}``.
 
 Exit status:
 
@@ -117,6 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
     soak.add_argument("--faults", type=int, default=5, help="how many of them get a fault (default 5)")
     soak.add_argument("--seed", type=int, default=1, help="seed of the choice of VMs and faults (default 1)")
     _common(soak)
+
+    difftest = sub.add_parser("difftest", help="random operation sequences run in a guest and in a model, "
+                                               "compared after every step; a divergence is shrunk and saved "
+                                               "as a replay file (docs/difftest.md)")
+    from harness.difftest.command import add_arguments as difftest_arguments
+    difftest_arguments(difftest)
+    _common(difftest)
 
     doc = sub.add_parser("doctor", help="check this machine: QEMU, KVM, build tools")
     _common(doc)
@@ -450,6 +457,15 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return 0 if not missing else EXIT_USAGE
 
 
+def cmd_difftest(args: argparse.Namespace) -> int:
+    """Exit 0 when sequences were compared and none diverged, 1 for a divergence,
+    2 for bad input, 3 when nothing was compared (see harness.difftest.command)."""
+    _check_inputs(args)
+    _check_folder("--out", args.out)
+    from harness.difftest.command import run_command
+    return run_command(args, lambda: _harness(args))
+
+
 def _sigterm(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(128 + signum)  # unwinds through every VM context manager
 
@@ -468,7 +484,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     signal.signal(signal.SIGTERM, _sigterm)
     handlers = {"run": cmd_run, "images": cmd_images, "check": cmd_check, "doctor": cmd_doctor,
-                "soak": cmd_soak}
+                "soak": cmd_soak, "difftest": cmd_difftest}
     try:
         if args.command == "bench":
             bench = {"boot": cmd_bench_boot, "iotlb": cmd_bench_iotlb, "pinning": cmd_bench_pinning}
