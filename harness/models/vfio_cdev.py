@@ -423,8 +423,10 @@ class VfioCdevModel:
     # -- iommufd -----------------------------------------------------------
     def ctx(self, iommufd: int, op: str = "iommufd") -> IommufdCtx:
         """The context behind an iommufd fd: EBADF if not open, ENOTTY if the file
-        is not an iommufd."""
+        is a VFIO or KVM file (ValueError for an OTHER file)."""
         file = self.files.get(iommufd, op)
+        if file.kind is FileKind.OTHER:
+            raise ValueError(f"{op} on {file}: the model does not know that file's ioctls")
         if file.kind is not FileKind.IOMMUFD:
             raise VfioError(E.ENOTTY, op, f"{file} is not an iommufd")
         assert isinstance(file.payload, IommufdCtx)
