@@ -20,9 +20,11 @@ artifacts folder):
 
 Checkers: ``vtd-consistency`` (:mod:`harness.checks.vtd`, QEMU against
 itself), ``guest-intent`` (:mod:`harness.checks.guest_intent`, QEMU's
-translations against the guest kernel's mappings) and, when the records hold
+translations against the guest kernel's mappings), when the records hold
 O_DIRECT I/O, ``block-data`` (:mod:`harness.checks.block_data`, the data
-against the agent's buffer pages).
+against the agent's buffer pages), and when they hold iommufd, VFIO, KVM or
+userspace-NVMe ops, ``ioas`` (:mod:`harness.checks.ioas`, the ops against the
+pinning, VFIO and KVM-VFIO models, the vfio controller's DMA against the IOAS).
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ from typing import Any
 
 from harness.checks.block_data import BlockDataChecker, ios_from_records
 from harness.checks.guest_intent import GuestIntentChecker
+from harness.checks.ioas import IoasChecker
+from harness.checks.ioas import applies as ioas_applies
 from harness.checks.sync import SyncPairs, host_sync_keys
 from harness.checks.verdict import Verdict
 from harness.checks.vtd import VtdChecker
@@ -138,14 +142,19 @@ def check_evidence(ev: RunEvidence) -> Verdict:
     records = op_records(ev.records) if ev.records and "result" in ev.records[0] else ev.records
     ios = ios_from_records(records)
     data = BlockDataChecker(ios, guest, sync) if ios else None
+    ioas = IoasChecker(ev.records) if ev.records and ioas_applies(ev.records) else None
     for event in host():
         vtd.feed(event)
         intent.feed(event)
         if data is not None:
             data.feed(event)
+        if ioas is not None:
+            ioas.feed(event)
     reports = [vtd.finish(), intent.finish()]
     if data is not None:
         reports.append(data.finish())
+    if ioas is not None:
+        reports.append(ioas.finish())
     return Verdict(reports=reports)
 
 
