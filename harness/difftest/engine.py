@@ -421,11 +421,12 @@ class AgentExecutor:
 
 @dataclass
 class Stats:
-    """Counts of a run: ``sequences`` drawn by the search (``cached`` of them were
-    repeats answered from an earlier run of the same concrete steps), ``shrink_runs``
-    sequences tried while shrinking, ``operations`` steps run on the system,
-    ``compared`` steps compared, ``divergent`` sequences that diverged (or crashed the
-    model), ``seconds`` of wall time."""
+    """Counts of a run: ``sequences`` distinct sequences the search ran (``cached``:
+    repeats it drew besides, answered from the cache), ``shrink_runs`` sequences
+    run while shrinking, ``operations`` steps run on the system,
+    ``compared`` steps compared, ``divergent`` sequences drawn by the search that
+    diverged or crashed the model (not counting the shrinker's attempts), ``seconds``
+    of wall time."""
 
     sequences: int = 0
     cached: int = 0
@@ -490,6 +491,11 @@ class _SequenceFailed(Exception):
     """Raised inside the Hypothesis test for a failing sequence (so it shrinks it)."""
 
 
+class _QuotaReached(BaseException):
+    """Raised inside the Hypothesis test once enough distinct sequences ran: not an
+    Exception, so Hypothesis lets it through instead of shrinking it."""
+
+
 def _key(steps: Sequence[Step]) -> str:
     return json.dumps(steps, sort_keys=True, separators=(",", ":"))
 
@@ -533,29 +539,36 @@ class _Search:
         return self.shrink_started is not None
 
     def run(self, abstract: list[Any]) -> None:
-        """The body of the Hypothesis test: plan, run (or take from the cache), compare."""
+        """The body of the Hypothesis test: plan, run (or take from the cache), compare.
+        Raises _SequenceFailed for a failing sequence, _QuotaReached once ``total``
+        distinct sequences were run (repeats of a sequence already run are answered
+        from the cache and not counted)."""
+        if not self.shrinking() and self.stats.sequences >= self.total:
+            raise _QuotaReached()
         planned, model_error = plan(self.target, self.mutant, abstract, abstract=True)
         key = _key([p.step for p in planned]
                    + ([{"model-error": model_error.step, "step": model_error.concrete}] if model_error else []))
-        if self.shrinking():
-            self.stats.shrink_runs += 1
-        else:
-            self.stats.sequences += 1
         if key in self.cache:
             if not self.shrinking():
                 self.stats.cached += 1
             failure = self.cache[key]
-        elif self.shrinking() and self.shrink_started is not None \
-                and self.clock() - self.shrink_started > self.shrink_seconds:
+        elif self.shrinking() and self.hypothesis_time_left() <= 0:
             self.shrink_cut = True  # out of time: untried sequences count as passing
-            self.stats.shrink_runs -= 1
             return
         else:
+            if self.shrinking():
+                self.stats.shrink_runs += 1
+            else:
+                self.stats.sequences += 1
             failure = self._execute(planned, model_error)
             self.cache[key] = failure
         self.progress()
         if failure is None:
             return
+        self._record(failure)
+        raise _SequenceFailed(failure.kind)
+
+    def _record(self, failure: Failure) -> None:
         if self.best is None or failure.length <= self.best.length:
             self.best = failure
         if self.shrink_started is None:
@@ -566,11 +579,54 @@ class _Search:
                 if failure.model_error else f"step {failure.divergence.step if failure.divergence else '?'}"
             self.echo(f"sequence {self.stats.sequences} diverged ({failure.kind} at {what}); shrinking it "
                       f"(at most {self.shrink_seconds:g} s)")
-        raise _SequenceFailed(failure.kind)
+
+    HYPOTHESIS_SHARE = 0.75
+    """Part of the shrink time Hypothesis may use; the rest is for :meth:`delete_steps`."""
+
+    def hypothesis_time_left(self) -> float:
+        if self.shrink_started is None:
+            return self.shrink_seconds * self.HYPOTHESIS_SHARE
+        return self.shrink_started + self.shrink_seconds * self.HYPOTHESIS_SHARE - self.clock()
+
+    def time_left(self) -> float:
+        if self.shrink_started is None:
+            return self.shrink_seconds
+        return self.shrink_started + self.shrink_seconds - self.clock()
+
+    def delete_steps(self) -> None:
+        """After Hypothesis: delete concrete steps of the best divergent sequence one at
+        a time (all but its divergent last one), keeping each deletion after which the
+        sequence still diverges, until a whole pass deletes nothing or time is up.
+        (Hypothesis shrinks abstract steps, whose meaning can shift when an earlier one
+        goes; this pass catches the steps that stayed only for that reason.)"""
+        improved = True
+        while improved and self.best is not None and self.best.divergence is not None:
+            improved = False
+            steps = [p.step for p in self.best.steps]
+            for i in range(len(steps) - 2, -1, -1):
+                if self.time_left() <= 0:
+                    self.shrink_cut = True
+                    return
+                candidate = steps[:i] + steps[i + 1:]
+                planned, model_error = plan(self.target, self.mutant, candidate, abstract=False)
+                key = _key([p.step for p in planned])
+                if model_error is not None:
+                    continue  # the sequence does not make sense without that step
+                if key in self.cache:
+                    failure = self.cache[key]
+                else:
+                    self.stats.shrink_runs += 1
+                    failure = self._execute(planned, None)
+                    self.cache[key] = failure
+                    self.progress()
+                if failure is not None and failure.divergence is not None and failure.length < self.best.length:
+                    self.best = failure
+                    improved = True
+                    break
 
     def _execute(self, planned: list[Planned], model_error: ModelError | None) -> Failure | None:
         if model_error is not None:
-            self.stats.divergent += 1
+            self.stats.divergent += 0 if self.shrinking() else 1
             return Failure(planned, [], model_error=model_error)
         observed = self.executor.run(self.target, planned)
         self.stats.operations += len(observed)
@@ -578,18 +634,25 @@ class _Search:
         self.stats.compared += len(observed) if divergence is None else divergence.step
         if divergence is None:
             return None
-        self.stats.divergent += 1
+        self.stats.divergent += 0 if self.shrinking() else 1
         return Failure(planned[:divergence.step], observed[:divergence.step], divergence=divergence)
+
+
+REPEATS_ALLOWED = 4
+"""Hypothesis may draw up to this many examples per distinct sequence asked for
+(it draws some sequences again, and some abstract sequences resolve to the same
+concrete one: those repeats are answered from the cache and not counted)."""
 
 
 def search(target: Target, executor: Executor, *, sequences: int, seed: int, mutant: str | None = None,
            max_steps: int = 20, shrink_seconds: float = 120.0, echo: Echo = print,
            progress_seconds: float = 10.0, clock: Callable[[], float] = time.monotonic) -> Report:
-    """Run up to ``sequences`` random sequences (Hypothesis, seeded with ``seed``) of
-    at most ``max_steps`` steps against ``executor`` and the model (``mutant`` None:
-    the correct one); stop at the first that diverges and shrink it, for at most
-    ``shrink_seconds`` (each attempt re-runs on the system; attempts seen before are
-    answered from a cache). Progress lines go to ``echo``.
+    """Run ``sequences`` distinct random sequences (Hypothesis, seeded with ``seed``)
+    of at most ``max_steps`` steps against ``executor`` and the model (``mutant``
+    None: the correct one); stop at the first that diverges and shrink it, for at
+    most ``shrink_seconds`` (each attempt re-runs on the system; attempts seen before
+    are answered from a cache): Hypothesis for 3/4 of that time, then
+    :meth:`_Search.delete_steps`. Progress lines go to ``echo``.
 
     Raises ValueError for ``sequences`` or ``max_steps`` below 1 or a negative
     ``shrink_seconds``; whatever the executor raises (AgentError, VMError,
@@ -609,7 +672,7 @@ def search(target: Target, executor: Executor, *, sequences: int, seed: int, mut
     notes: list[str] = []
 
     @hypothesis_seed(seed)
-    @settings(max_examples=sequences, database=None, deadline=None, derandomize=False,
+    @settings(max_examples=sequences * REPEATS_ALLOWED, database=None, deadline=None, derandomize=False,
               phases=(Phase.generate, Phase.shrink), suppress_health_check=list(HealthCheck),
               report_multiple_bugs=False, verbosity=Verbosity.quiet, print_blob=False)
     @given(target.sequences(max_steps))
@@ -619,12 +682,14 @@ def search(target: Target, executor: Executor, *, sequences: int, seed: int, mut
     try:
         with _quiet_hypothesis():
             run_one()
-    except _SequenceFailed:
+    except (_SequenceFailed, _QuotaReached):
         pass
     except Exception as exc:  # noqa: BLE001 - e.g. Hypothesis's Flaky: report the failure it found
         if state.best is None or isinstance(exc, HarnessError):
             raise
         notes.append(f"Hypothesis ended with {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+    if state.best is not None:
+        state.delete_steps()
     shrink_time = state.clock() - state.shrink_started if state.shrink_started is not None else 0.0
     if state.shrink_cut:
         notes.append(f"shrinking stopped after {shrink_seconds:g} s: the sequence may not be minimal")

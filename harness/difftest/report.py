@@ -18,7 +18,7 @@ def summary(report: Report) -> str:
     s = report.stats
     seq = f"{s.sequences}"
     if s.cached:
-        seq += f" ({s.cached} repeats answered from the cache)"
+        seq += f" (+{s.cached} repeats not run again)"
     if s.shrink_runs:
         seq += f" +{s.shrink_runs} while shrinking"
     return (f"sequences: {seq}; operations: {s.operations}; divergences: {s.divergent}; "
