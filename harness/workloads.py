@@ -174,10 +174,12 @@ class IommufdVfioNvme(Workload):
        ``unmapped_iova`` (never mapped), then into the unmapped page's old iova
        (use after unmap); the guest kernel's DMAR reports are read from
        /dev/kmsg;
-    6. disable the controller, unmap the read buffer (VmPin drops), detach
+    6. with ``cfs``: unmap the queues and submit a read: QEMU cannot fetch the
+       SQE and sets CSTS.CFS (the op's errno is EIO);
+    7. disable the controller, unmap the read buffer (VmPin drops), detach
        (VmPin drops to 0 while areas remain), unmap everything left (the bytes
        returned are the areas that remained), close the iommufd;
-    7. with ``kvm``: create a VM and its KVM-VFIO device, KVM_DEV_VFIO_FILE_ADD
+    8. with ``kvm``: create a VM and its KVM-VFIO device, KVM_DEV_VFIO_FILE_ADD
        the cdev fd (0), and again (EEXIST); then close every fd.
 
     IOVAs are bytes in the IOAS, user VAs bytes of the agent process. The
@@ -203,6 +205,7 @@ class IommufdVfioNvme(Workload):
     unmapped_iova: int = 0x40000000
     seed: int = 1
     faults: bool = True
+    cfs: bool = False
     kvm: bool = True
     timeout: float = 60.0
 
@@ -315,6 +318,13 @@ class IommufdVfioNvme(Workload):
                     break
                 time.sleep(0.2)
 
+        if self.cfs:
+            call("iommufd.unmap", fd=ifd, ioas_id=ioas, iova=qiova, length=4 * page)
+            lost = call("nvme_vfio.io", ok=False, handle=ctrl, opcode=0x02, nsid=self.nsid, slba=self.slba,
+                        nlb=page // lba, prp1_iova=r0)
+            if lost.get("errno") != errno_mod.EIO:
+                raise _failed("nvme_vfio.io", lost, "a command whose SQE cannot be read must end in "
+                                                    "controller fatal status (EIO)")
         call("nvme_vfio.disable", handle=ctrl)
         call("iommufd.unmap", fd=ifd, ioas_id=ioas, iova=r0, length=2 * page)
         call("vfio.detach_pt", fd=dev)
