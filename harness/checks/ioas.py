@@ -382,16 +382,14 @@ class _Replay:
                 continue
             args = rec.get("args") or {}
             result = rec.get("result")
-            before_ioas, _ = self._device_ioas()
             before = self._areas_of_all()
-            before_view = self.view(i) if before_ioas is not None else None
             try:
                 self._apply(i, op, args, result if isinstance(result, Mapping) else {}, rec)
             except (KeyError, TypeError, ValueError) as exc:
                 self.counts.ops_unmodelled += 1
                 self.notes.append(f"op {i + 1} ({op}): the models cannot judge it: {exc}")
             self._sync_domains(i)
-            self._note_removed(i, before, before_view)
+            self._note_removed(i, before)
             if isinstance(result, Mapping) and isinstance(result.get("vm_pin"), int):
                 self.counts.pins_checked += 1
                 want = self.pinned_vm()
@@ -405,17 +403,13 @@ class _Replay:
             nxt = next((c for c in self.commands[j + 1:] if c.op != cmd.op), None)
             cmd.post = nxt.view if nxt is not None else self.final
 
-    def _note_removed(self, i: int, before: dict[tuple[int, int], tuple[IOAS, Area]],
-                      before_view: IoasView | None) -> None:
+    def _note_removed(self, i: int, before: dict[tuple[int, int], tuple[IOAS, Area]]) -> None:
+        """Remember the areas op ``i`` removed (unmap, or the release of their context)."""
         after = self._areas_of_all()
-        gone = [key for key in before if key not in after]
-        if not gone or before_view is None:
-            return
-        for key in gone:
-            ioas, area = before[key]
-            for a in before_view.areas:
-                if a.iova == area.iova and a.last == area.last:
-                    self.removed.append((i, a))
+        for key, (ioas, a) in before.items():
+            if key not in after:
+                self.removed.append((i, AreaView(a.iova, a.last, a.user_va, a.readable, a.writeable, frozenset(),
+                                                 self.area_op.get(key, -1))))
 
     def _sync_domains(self, i: int) -> None:
         """Attach a pinning domain for every HWPT the VFIO model holds, detach
@@ -431,8 +425,13 @@ class _Replay:
                     if (id(ctx), obj.id) not in self.domains:
                         ioas = self.ioas.get((id(ctx), obj.ioas_id or 0))
                         if ioas is not None:
-                            self.domains[(id(ctx), obj.id)] = ioas.attach_domain(
-                                aperture=self._aperture_after(i, obj.ioas_id or 0), iova_alignment=PAGE)
+                            try:
+                                self.domains[(id(ctx), obj.id)] = ioas.attach_domain(
+                                    aperture=self._aperture_after(i, obj.ioas_id or 0), iova_alignment=PAGE)
+                            except IommufdError as exc:  # the VFIO model knows no EADDRINUSE/EFAULT of attach
+                                self.notes.append(f"op {i + 1}: the pinning model refuses the domain of HWPT "
+                                                  f"{obj.id}: {exc}; its pins are not modelled")
+                                live.discard((id(ctx), obj.id))
         for key in [k for k in self.domains if k not in live]:
             dom = self.domains.pop(key)
             if dom.attached:
