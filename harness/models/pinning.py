@@ -53,10 +53,13 @@ bug in the caller, not a kernel errno).  ``ULONG_MAX`` is ``U64_MAX``
 Where the model differs from /work/shared SEMANTICS.md section 2, it follows
 the kernel source and the guest:
 
-1. Automatic IOVA alignment is clamped to ``HPAGE_SIZE`` (2 MiB, the guest has
-   ``CONFIG_TRANSPARENT_HUGEPAGE``): ``iopt_alloc_iova`` since "iommufd: Protect
-   against overflow of ALIGN() during iova allocation" (in 6.12).  Constructor
-   argument ``max_auto_alignment``.
+1. Automatic IOVA alignment is capped (``iopt_alloc_iova`` since "iommufd:
+   Protect against overflow of ALIGN() during iova allocation", in 6.12) at
+   ``HPAGE_SIZE`` with ``CONFIG_TRANSPARENT_HUGEPAGE``, else at PAGE_SIZE.
+   The project's guest kernel has THP off, and the guest confirmed the
+   PAGE_SIZE cap: ``(user_va 0x100030000, length 0x3000)`` got iova 0x5000,
+   not 0x8000.  So ``max_auto_alignment`` defaults to ``page_size``; pass
+   ``HPAGE_SIZE`` for a kernel with THP.  SEMANTICS.md states neither cap.
 2. The holes of an allowed span are searched from the span's *aligned* start
    (``__alloc_iova_check_used`` moves ``start_used``), and with
    ``CONFIG_IOMMUFD_TEST`` (the guest has it) an automatic IOVA that fails
@@ -81,9 +84,16 @@ the kernel source and the guest:
    id, no second domain, no new pins.  The HWPT (and its domain, and the pins)
    go away with the last device.
 8. ALLOW_IOVAS refuses a range with ``start >= last`` (a one-byte range too).
-9. Seen in the guest (6.12.95, findings of the differential runs):
-   IOMMU_TEST_OP_MOCK_DOMAIN on an IOAS ``1`` returns stdev 2, idev 3,
-   hwpt 4, as this model allocates them.
+9. IOMMU_TEST_OP_MOCK_DOMAIN fails EINVAL (no id consumed) in a guest whose
+   real IOMMU (intel-iommu) registered before the selftest's mock IOMMU: the
+   mock device gets no IOMMU and ``iommufd_device_bind`` refuses it.
+   ``IommufdCtx(real_iommu=True)`` models such a guest.
+
+Confirmed in the guest (Linux 6.12.95): ids (MOCK_DOMAIN on IOAS 1 with IOAS
+2 present: stdev 3, idev 4, hwpt 5; a second one: stdev 6, idev 7, hwpt 5),
+the MAP errno order, the automatic IOVAs, the partial UNMAP, COPY's pins and
+EPERM, lazy pinning and the DESTROY EBUSY cases; the unit tests replay those
+sequences.
 
 Not modelled: RLIMIT_MEMLOCK accounting and its ENOMEM (the guest runs as
 root: ``IOPT_PAGES_ACCOUNT_NONE``, but ``pinned_vm`` still counts), pins held
@@ -766,18 +776,29 @@ class IommufdCtx:
     """One open ``/dev/iommu`` (``struct iommufd_ctx``).
 
     ``page_size`` is the kernel's PAGE_SIZE (bytes); ``max_auto_alignment``
-    caps the automatic IOVA alignment (``HPAGE_SIZE`` with THP; pass
-    ``page_size`` for a kernel without THP).  Object ids (IOAS, HWPT, device,
+    caps the automatic IOVA alignment (None: ``page_size``, a kernel without
+    THP like the project's guest; pass ``HPAGE_SIZE`` for one with THP).
+    ``real_iommu``: the guest has a real IOMMU registered before the
+    selftest's mock one, so MOCK_DOMAIN fails EINVAL.  Object ids (IOAS, HWPT, device,
     selftest object, access) come from one space: the lowest free id >= 1.
     """
 
-    def __init__(self, page_size: int = PAGE_SIZE, *, max_auto_alignment: int = HPAGE_SIZE) -> None:
+    def __init__(
+        self,
+        page_size: int = PAGE_SIZE,
+        *,
+        max_auto_alignment: int | None = None,
+        real_iommu: bool = False,
+    ) -> None:
         if page_size < 2 or page_size & (page_size - 1):
             raise ValueError(f"page_size must be a power of two, got {page_size}")
+        if max_auto_alignment is None:
+            max_auto_alignment = page_size
         if max_auto_alignment < page_size or max_auto_alignment & (max_auto_alignment - 1):
             raise ValueError("max_auto_alignment must be a power of two >= page_size")
         self.page_size = page_size
         self.max_auto_alignment = max_auto_alignment
+        self.real_iommu = real_iommu
         self._objects: dict[int, object] = {}
         self._next_id = 1
         self._free_ids: list[int] = []  # min-heap of freed ids below _next_id
@@ -913,6 +934,8 @@ class IommufdCtx:
         no such IOAS.  Every id is released on failure.  (The kernel refuses
         mock domains with EINVAL when a real IOMMU such as intel-iommu
         registered first; the model assumes a machine without one.)"""
+        if self.real_iommu:
+            raise _fail(_errno.EINVAL, "the mock device has no IOMMU (a real IOMMU came first)")
         if isinstance(ioas, IOAS):
             target = self._live(ioas)
             hwpt = target._hwpt

@@ -80,7 +80,8 @@ class NIOAS:
 class Naive:
     """The kernel's rules, restated with lists and linear scans."""
 
-    def __init__(self) -> None:
+    def __init__(self, cap: int = PS) -> None:
+        self.cap = cap  # automatic alignment cap: PAGE_SIZE without THP, HPAGE_SIZE with
         self.objects: dict[int, tuple[str, Any]] = {}
         self.pages: dict[int, tuple[int, bool]] = {}  # id -> (page-aligned user VA, writable)
         self.npages = 0
@@ -140,8 +141,8 @@ class Naive:
             while not uva & low:
                 low *= 2
             a = min(a, low)
-        if a >= HPAGE_SIZE:
-            a = HPAGE_SIZE
+        if a >= self.cap:
+            a = self.cap
         if a < io.alignment():
             raise Err(errno.EINVAL)
         off = uva % PS
@@ -424,12 +425,14 @@ def run(fn: Callable[[], Any]) -> tuple[str, Any]:
         return "err", (exc.errno, exc.unmapped)
 
 
-def make_machine(factory: Callable[[], IommufdCtx]) -> type[RuleBasedStateMachine]:
+def make_machine(
+    factory: Callable[[], IommufdCtx], cap: int = PS
+) -> type[RuleBasedStateMachine]:
     class PinningMachine(RuleBasedStateMachine):
         def __init__(self) -> None:
             super().__init__()
             self.model = factory()
-            self.naive = Naive()
+            self.naive = Naive(cap)
             self.domains: dict[int, list[tuple[Any, Any]]] = {}  # ioas id -> (model, naive)
             self.mocks: list[int] = []
             self.ioas_ids: list[int] = []
@@ -490,7 +493,11 @@ def make_machine(factory: Callable[[], IommufdCtx]) -> type[RuleBasedStateMachin
             starts = [a.iova for a in io.areas] + [max(s - PS, 0) for s, _, _ in io.reserved
                                                    if s < 2**40]
             base = data.draw(st.sampled_from(starts)) if starts else 0
-            length = data.draw(st.sampled_from([2 * PS, 4 * PS, 16 * PS]))
+            ahead = [s for s, _, _ in io.reserved if base < s < base + (1 << 30)]
+            if ahead and data.draw(st.booleans()):
+                length = min(ahead) - base + PS  # up to the first page of a reserved range
+            else:
+                length = data.draw(st.sampled_from([2 * PS, 4 * PS, 16 * PS]))
             uva = UVA_BASE + data.draw(st.integers(0, 12)) * PS
             self.both(lambda: self.mio(i).map(uva, length, iova=base),
                       lambda: self.naive.map(i, uva, length, base, True, True))
@@ -681,6 +688,14 @@ PinningMachine.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
 TestPinningMachine = PinningMachine.TestCase
+
+# A kernel with THP caps the automatic alignment at 2 MiB instead.
+ThpMachine = make_machine(lambda: IommufdCtx(max_auto_alignment=HPAGE_SIZE), HPAGE_SIZE)
+ThpMachine.TestCase.settings = settings(
+    max_examples=100, stateful_step_count=40, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
+TestThpMachine = ThpMachine.TestCase
 
 
 @pytest.mark.parametrize("name", sorted(MUTANTS))
