@@ -195,6 +195,18 @@ def test_auto_iova_skips_reserved_and_areas() -> None:
     assert [(a.iova, a.last) for a in ioas.areas()][:2] == [(0x3000, 0x3FFF), (0x4000, 0x4FFF)]
 
 
+def test_auto_iova_uses_a_hole_opened_by_unmap() -> None:
+    ioas = IommufdCtx().ioas_alloc()
+    for iova in (0x1000, 0x3000, 0x5000, 0x7000, 0x9000):
+        ioas.map(B, PS, iova=iova)
+    assert ioas.map(B, 0x3000) == 0xA000  # no hole of 3 pages yet
+    ioas.unmap(0x5000, PS)
+    assert ioas.map(B, 0x3000) == 0x4000  # [0x4000, 0x6fff] is free now
+    ioas.unmap(0x3000, PS)
+    ioas.unmap(0x1000, PS)
+    assert ioas.map(B, 0x2000) == 0x1000
+
+
 def test_auto_iova_never_picks_the_last_page() -> None:
     ioas = IommufdCtx().ioas_alloc()
     ioas.add_reserved(0, 2**64 - PS - 1)
