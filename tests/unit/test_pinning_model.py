@@ -571,3 +571,21 @@ def test_mutants_are_listed_with_what_they_break() -> None:
         assert mutant.name == name and mutant.description
         assert isinstance(mutant.factory(), IommufdCtx)
         assert type(mutant.factory()) is not IommufdCtx
+
+
+# --------------------------------------------------------------------------- benchmark
+
+
+def test_benchmark_runs_small_and_checks_its_inputs() -> None:
+    from harness.bench import pinning as bench
+
+    rows = bench.run(sizes=(16, 32), ops=128, seed=1)
+    assert [r["n"] for r in rows] == [16.0, 32.0]
+    for kind in (*bench.KINDS, "mixed"):
+        assert rows[0][f"{kind}_log_ratio"] == pytest.approx(1.0)
+        assert rows[1][f"{kind}_ops"] > 0 and rows[1][f"{kind}_ns_per_op"] > 0
+    with pytest.raises(ValueError):
+        bench.run(sizes=(1,))
+    with pytest.raises(ValueError):
+        bench.run(sizes=(16,), ops=0)
+    assert bench.main(["--sizes", "16", "--ops", "64"]) == 0
