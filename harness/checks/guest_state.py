@@ -6,9 +6,9 @@ what each device's domain maps, which unmapped ranges are not yet invalidated,
 and which maps the guest made between two positions.
 
 Attribution (``iommu:map`` / ``iommu:unmap`` name no domain): each IOMMU change
-belongs to the device of the DMA-API event that reports it right after
-(``dma:dma_map_*``, ``dma_alloc*``, ``dma_unmap_*``, ``dma_free*``,
-kernel/dma/mapping.c), whose ``dir`` also gives the permission (iommu-dma's
+belongs to the device of the DMA-API event of the same task that reports it
+right after (``dma:dma_map_*``, ``dma_alloc*``, ``dma_unmap_*``, ``dma_free*``,
+kernel/dma/mapping.c; ``dma_unmap_sg`` is logged right *before* its unmaps), whose ``dir`` also gives the permission (iommu-dma's
 ``dma_info_to_prot``: TO_DEVICE -> read, FROM_DEVICE -> write, BIDIRECTIONAL
 -> both).  A map followed by ``iommu:attach_device_to_domain`` events before
 any DMA-API event is a firmware-requested direct mapping (drivers/iommu/iommu.c
@@ -69,6 +69,31 @@ def _overlaps(segments: Iterable[tuple[int, int]], start: int, last: int) -> boo
     return False
 
 
+def _same_task(event: GuestEvent, later: GuestEvent) -> bool:
+    """Whether ``later`` may report the IOMMU call ``event``: the DMA-API event that
+    reports an ``iommu_map``/``iommu_unmap`` is logged in the same call chain, so by
+    the same task (two controllers probing at once on two kworkers interleave their
+    events, often at the same iova in their own domains). Lines without a header
+    (pid -1) are not filtered."""
+    return event.pid < 0 or later.pid < 0 or later.pid == event.pid
+
+
+def _unmap_sg_before(guest: Sequence[GuestEvent], pos: int) -> int | None:
+    """The device of the ``dma_unmap_sg`` that announced the ``iommu:unmap`` at
+    ``pos``: unlike the other DMA-API unmap events, ``dma_unmap_sg_attrs`` logs its
+    event *before* unmapping (kernel/dma/mapping.c), so it is the same task's most
+    recent DMA-API unmap event, with no IOMMU change of that task in between."""
+    event = guest[pos]
+    for earlier in reversed(guest[max(0, pos - _LOOKAHEAD):pos]):
+        if not _same_task(event, earlier):
+            continue
+        if isinstance(earlier, (GuestIommuMap, GuestIommuUnmap)):
+            return None
+        if isinstance(earlier, GuestDmaUnmap):
+            return earlier.sid if earlier.NAME == "dma_unmap_sg" else None
+    return None
+
+
 def resolve_ops(guest: Sequence[GuestEvent]) -> tuple[list[GuestOp], int, int]:
     """Attribute each ``iommu:map``/``unmap`` to a device (module docstring).
 
@@ -83,6 +108,8 @@ def resolve_ops(guest: Sequence[GuestEvent]) -> tuple[list[GuestOp], int, int]:
             sids: list[int | None] = []
             prot = IOMMU_READ | IOMMU_WRITE
             for later in guest[pos + 1:min(n, pos + 1 + _LOOKAHEAD)]:
+                if not _same_task(event, later):
+                    continue
                 if isinstance(later, GuestDmaMap) and _overlaps(later.segments, event.iova, last):
                     sids = [later.sid]
                     prot = _DIR_PROT.get(later.dir, prot)
@@ -101,8 +128,10 @@ def resolve_ops(guest: Sequence[GuestEvent]) -> tuple[list[GuestOp], int, int]:
             if not event.unmapped_size:
                 continue
             last = event.iova + event.unmapped_size - 1
-            sid = None
-            for later in guest[pos + 1:min(n, pos + 1 + _LOOKAHEAD)]:
+            sid = _unmap_sg_before(guest, pos)
+            for later in guest[pos + 1:min(n, pos + 1 + _LOOKAHEAD)] if sid is None else ():
+                if not _same_task(event, later):
+                    continue
                 if isinstance(later, GuestDmaUnmap) and (
                         not later.segments or _overlaps(later.segments, event.iova, last)):
                     sid = later.sid

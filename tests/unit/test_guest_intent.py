@@ -152,3 +152,53 @@ def test_ring_buffer_that_overwrote_events_is_inconclusive() -> None:
     header = ["# tracer: nop", "#", "# entries-in-buffer/entries-written: 10/14   #P:1", "#"]
     report = intent(header + guest, host)
     assert report.status == "inconclusive" and any("lost 4 events" in r for r in report.inconclusive)
+
+
+def test_concurrent_probes_of_two_controllers_keep_their_own_maps() -> None:
+    """Two NVMe controllers probed at once on two kworkers both map their admin queue
+    at the same iova in their own domains; their events interleave. Each iommu:map
+    belongs to the DMA-API event of its own task, not to the next one that overlaps."""
+    from harness.checks.guest_state import resolve_ops
+    from harness.trace.guest import pci_sid
+
+    def line(task: str, pid: int, ts: float, event: str, body: str) -> str:
+        return f"{task:>16}-{pid:<7} [000] .....   {ts:.6f}: {event}: {body}"
+
+    a, b = "0000:00:02.0", "0000:00:03.0"
+    guest = [
+        line("kworker/u4:1", 50, 1.0, "map", f"IOMMU: iova=0x{IOVA:016x} - 0x{IOVA + 4096:016x} "
+                                              f"paddr=0x{PAGE_A:016x} size=4096"),
+        line("kworker/u4:2", 51, 1.1, "map", f"IOMMU: iova=0x{IOVA:016x} - 0x{IOVA + 4096:016x} "
+                                              f"paddr=0x{PAGE_B:016x} size=4096"),
+        line("kworker/u4:2", 51, 1.2, "dma_map_page", f"{b} dir=BIDIRECTIONAL dma_addr={IOVA:x} size=4096 "
+                                                       f"phys_addr={PAGE_B:x} attrs="),
+        line("kworker/u4:1", 50, 1.3, "dma_map_page", f"{a} dir=BIDIRECTIONAL dma_addr={IOVA:x} size=4096 "
+                                                       f"phys_addr={PAGE_A:x} attrs="),
+    ]
+    ops, lost_maps, _ = resolve_ops(list(parse_guest_lines(guest)))
+    assert lost_maps == 0
+    assert [(op.sid, op.paddr) for op in ops] == [(pci_sid(a), PAGE_A), (pci_sid(b), PAGE_B)]
+
+
+def test_unmap_sg_is_announced_before_its_unmap() -> None:
+    """dma_unmap_sg_attrs logs its event before it unmaps (dma_unmap_page after):
+    an interrupt's unmap belongs to the dma_unmap_sg just before it, not to another
+    task's DMA-API unmap that follows."""
+    from harness.checks.guest_state import resolve_ops
+    from harness.trace.guest import pci_sid
+
+    def line(task: str, pid: int, ts: float, event: str, body: str) -> str:
+        return f"{task:>16}-{pid:<7} [000] d.H1.   {ts:.6f}: {event}: {body}"
+
+    a, b = "0000:00:02.0", "0000:00:03.0"
+    guest = [
+        line("<idle>", 0, 1.0, "dma_unmap_sg", f"{a} dir=FROM_DEVICE phys_addrs={{0x{PAGE_A:x}}} attrs="),
+        line("<idle>", 0, 1.1, "unmap", f"IOMMU: iova=0x{IOVA:016x} - 0x{IOVA + 4096:016x} size=4096 "
+                                        "unmapped_size=4096"),
+        line("python3", 81, 1.2, "unmap", f"IOMMU: iova=0x{IOVA2:016x} - 0x{IOVA2 + 4096:016x} size=4096 "
+                                          "unmapped_size=4096"),
+        line("python3", 81, 1.3, "dma_unmap_page", f"{b} dir=FROM_DEVICE dma_addr={IOVA2:x} size=4096 attrs="),
+    ]
+    ops, _, lost_unmaps = resolve_ops(list(parse_guest_lines(guest)))
+    assert lost_unmaps == 0
+    assert [(op.sid, op.iova) for op in ops] == [(pci_sid(a), IOVA), (pci_sid(b), IOVA2)]
