@@ -195,6 +195,20 @@ def test_auto_iova_skips_reserved_and_areas() -> None:
     assert [(a.iova, a.last) for a in ioas.areas()][:2] == [(0x3000, 0x3FFF), (0x4000, 0x4FFF)]
 
 
+def test_auto_iova_align_wraps_near_the_top_with_thp() -> None:
+    """With a 2 MiB alignment a hole in the last 2 MiB makes ALIGN() wrap to
+    0: under CONFIG_IOMMUFD_TEST ``iopt_check_iova`` then refuses it (EINVAL),
+    or, when iova 0 happens to be free, the map lands at 0."""
+    length = 2**20 + 1  # roundup_pow_of_two: 2 MiB
+    top = 2**64 - HPAGE_SIZE + PS
+    ioas = IommufdCtx(max_auto_alignment=HPAGE_SIZE).ioas_alloc()
+    ioas.add_reserved(0, top - 1)
+    assert err(ioas.map, 0, length).errno == errno.EINVAL
+    ioas2 = IommufdCtx(max_auto_alignment=HPAGE_SIZE).ioas_alloc()
+    ioas2.add_reserved(HPAGE_SIZE, top - 1)
+    assert ioas2.map(0, length) == 0
+
+
 def test_auto_iova_uses_a_hole_opened_by_unmap() -> None:
     ioas = IommufdCtx().ioas_alloc()
     for iova in (0x1000, 0x3000, 0x5000, 0x7000, 0x9000):
