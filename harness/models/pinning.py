@@ -61,9 +61,10 @@ the kernel source and the guest:
    not 0x8000.  So ``max_auto_alignment`` defaults to ``page_size``; pass
    ``HPAGE_SIZE`` for a kernel with THP.  SEMANTICS.md states neither cap.
 2. The holes of an allowed span are searched from the span's *aligned* start
-   (``__alloc_iova_check_used`` moves ``start_used``), and with
-   ``CONFIG_IOMMUFD_TEST`` (the guest has it) an automatic IOVA that fails
-   ``iopt_check_iova`` (only after a 64-bit wrap of ``ALIGN``) is EINVAL.
+   (``__alloc_iova_check_used`` moves ``start_used``).  With the 2 MiB cap,
+   ``ALIGN`` of a hole start in the last 2 MiB wraps to 0: the kernel then
+   returns iova 0 if that is free, and with ``CONFIG_IOMMUFD_TEST`` (the guest
+   has it) EINVAL when ``iopt_check_iova`` refuses it; the model does both.
 3. COPY's EPERM is about the *pages*: a writeable copy is refused when the
    original MAP was not WRITEABLE (``iopt_insert_area``: ``!pages->writable``),
    not when the source area is read-only; a read-only copy of a writeable map
