@@ -41,6 +41,8 @@ DEFAULT_SEQUENCES = 100
 DEFAULT_MAX_STEPS = 20
 DEFAULT_SHRINK_SECONDS = 120.0
 DEFAULT_OUT = "artifacts/difftest"
+BOOT_TIMEOUT = 120.0
+"""Seconds the guest may take to come up (a shared, loaded TCG host can need more than a minute)."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -119,7 +121,7 @@ def run_command(args: argparse.Namespace, make_harness: Callable[[], Harness], *
         return _run(inputs, executor, out)
     h = make_harness()
     target = inputs.target
-    with h.vm(target.machine(), name=f"difftest-{target.name}", trace=False) as vm:
+    with h.vm(target.machine(), name=f"difftest-{target.name}", trace=False, boot_timeout=BOOT_TIMEOUT) as vm:
         out(f"guest ready in {vm.boot_seconds or 0:.1f} s")
         return _run(inputs, AgentExecutor(vm.agent), out)
 

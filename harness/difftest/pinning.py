@@ -661,9 +661,10 @@ class PinningTarget:
 
     def answer_probes(self, model: PinningModel, probes: Sequence[Probe]) -> Observation:
         ctx = model.ctx
+        pinned = ctx.pinned_pages() if ctx.pinned_vm else {}
         refs: list[int | None] = []
         for page in range(REGION_PAGES):
-            n = ctx.refs(REGION_VA + page * PAGE)
+            n = pinned.get(REGION_VA + page * PAGE, 0)
             refs.append(n if n <= MAX_REFS else None)
         hwpts = model.hwpts()
         check_map: dict[str, int] = {}
