@@ -117,7 +117,7 @@ class FakeIommufdAgent:
     def iommufd_open(self) -> dict[str, Any]:
         fd = self.next_fd
         self.next_fd += 1
-        self.ctxs[fd] = IommufdCtx(max_auto_alignment=PAGE)
+        self.ctxs[fd] = IommufdCtx()
         self.mocks[fd] = []
         self.removed[fd] = []
         return self._rec(0, fd=fd, path="/dev/iommu")
@@ -206,16 +206,6 @@ class FakeIommufdAgent:
         return self._rec(0, refs=refs, ioctls=1)
 
 
-class NoTHPTarget(PinningTarget):
-    """The target with the model's automatic-IOVA alignment capped at PAGE_SIZE, as the
-    fake agent's model (the cap is not what these tests are about)."""
-
-    def new_model(self, mutant: str | None) -> pinning.PinningModel:
-        m = super().new_model(mutant)
-        m.ctx.max_auto_alignment = PAGE
-        return m
-
-
 # ------------------------------------------------------------------ model against model
 
 
@@ -256,7 +246,7 @@ def test_every_mutant_diverges_and_shrinks(mutant):
 
 def test_the_driver_through_a_fake_agent_agrees_with_the_model():
     agent = FakeIommufdAgent()
-    report = search(NoTHPTarget(), AgentExecutor(agent), sequences=120, seed=2,  # type: ignore[arg-type]
+    report = search(PinningTarget(), AgentExecutor(agent), sequences=120, seed=2,  # type: ignore[arg-type]
                     echo=quiet)
     assert report.status == "ok", report.failure and report.failure.divergence
     assert report.stats.operations > 800
@@ -272,7 +262,7 @@ def test_the_driver_through_a_fake_agent_agrees_with_the_model():
     ("refs-off", "refs"),
 ])
 def test_a_planted_bug_of_the_fake_kernel_is_found(bug, field):
-    report = search(NoTHPTarget(), AgentExecutor(FakeIommufdAgent(bug)),  # type: ignore[arg-type]
+    report = search(PinningTarget(), AgentExecutor(FakeIommufdAgent(bug)),  # type: ignore[arg-type]
                     sequences=300, seed=1, echo=quiet, shrink_seconds=20)
     assert report.status == "divergence", bug
     d = report.failure.divergence
@@ -281,7 +271,7 @@ def test_a_planted_bug_of_the_fake_kernel_is_found(bug, field):
 
 def test_an_access_created_in_the_same_batch_is_resolved_by_a_second_round_trip():
     agent = FakeIommufdAgent()
-    target = NoTHPTarget()
+    target = PinningTarget()
     steps = [{"op": "ioas_alloc"},
              {"op": "map", "ioas": 1, "user_va": REGION_VA, "length": 2 * PAGE, "iova": None, "readable": True,
               "writeable": True},
@@ -298,7 +288,7 @@ def test_an_access_created_in_the_same_batch_is_resolved_by_a_second_round_trip(
 
 
 def test_pins_and_mock_domain_probes():
-    target = NoTHPTarget()
+    target = PinningTarget()
     steps = [{"op": "ioas_alloc"},
              {"op": "mock_domain", "ioas": 1},
              {"op": "map", "ioas": 1, "user_va": REGION_VA, "length": 2 * PAGE, "iova": None, "readable": True,
