@@ -102,6 +102,13 @@ by ``IOMMU_TEST_OP_ACCESS_PAGES``, VFIO type1 compatibility (area splitting),
 nested HWPTs, dirty tracking, huge IOMMU pages.  ``VmPin`` is per process:
 two contexts of one process add up; each :class:`IommufdCtx` counts its own.
 
+Layout: this module holds the ioctls, the object ids, the domains and the
+areas (``_Area``, ``struct iopt_area``).  The ordered area tree with its gap
+search (``iopt->area_itree``) is :mod:`harness.models.iopt_tree`; the pin map
+of one ``iopt_pages`` and its counting is :mod:`harness.models.iopt_pages`.
+Their private names (``_AreaTree``, ``_Node``, ``_Pages``, ``_Coverage``) are
+re-exported here for :mod:`harness.models.pinning_mutants`.
+
 Exception hierarchy::
 
     OSError
@@ -125,11 +132,14 @@ from __future__ import annotations
 
 import errno as _errno
 import heapq
-import random
-from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Final
+
+from harness.models.iopt_pages import _Coverage as _Coverage
+from harness.models.iopt_pages import _Pages as _Pages
+from harness.models.iopt_tree import _AreaTree as _AreaTree
+from harness.models.iopt_tree import _Node as _Node
 
 __all__ = [
     "U64_MAX",
@@ -232,102 +242,6 @@ def _holes(used: list[tuple[int, int]], first: int, last: int) -> Iterator[tuple
         yield cur, last
 
 
-# --------------------------------------------------------------------------- pins
-
-
-class _Coverage:
-    """A step function over page indices of one ``iopt_pages``: how many
-    domain-filled areas cover each index.  ``bounds`` is sorted; ``counts[i]``
-    holds on ``[bounds[i], bounds[i+1])``; outside, the count is 0.  Adjacent
-    steps never have equal counts and the last count is always 0."""
-
-    __slots__ = ("bounds", "counts")
-
-    def __init__(self) -> None:
-        self.bounds: list[int] = []
-        self.counts: list[int] = []
-
-    def _count_at(self, x: int) -> int:
-        i = bisect_right(self.bounds, x) - 1
-        return self.counts[i] if i >= 0 else 0
-
-    def _split(self, x: int) -> int:
-        i = bisect_left(self.bounds, x)
-        if i == len(self.bounds) or self.bounds[i] != x:
-            c = self.counts[i - 1] if i > 0 else 0
-            self.bounds.insert(i, x)
-            self.counts.insert(i, c)
-        return i
-
-    def covers(self, index: int) -> bool:
-        return self._count_at(index) > 0
-
-    def uncovered(self, first: int, last: int) -> list[tuple[int, int]]:
-        """The parts of ``[first, last]`` with count 0."""
-        b, c = self.bounds, self.counts
-        out: list[tuple[int, int]] = []
-        i = bisect_right(b, first) - 1
-        cur = first
-        while cur <= last:
-            cnt = c[i] if i >= 0 else 0
-            end = b[i + 1] - 1 if i + 1 < len(b) else last
-            end = min(end, last)
-            if cnt == 0:
-                if out and out[-1][1] + 1 == cur:
-                    out[-1] = (out[-1][0], end)
-                else:
-                    out.append((cur, end))
-            cur = end + 1
-            i += 1
-        return out
-
-    def add(self, first: int, last: int, delta: int) -> int:
-        """Add ``delta`` (+1 or -1) on ``[first, last]``; return how many
-        indices went from 0 to non-zero (``delta`` > 0) or back to 0."""
-        i = self._split(first)
-        j = self._split(last + 1)
-        counts, bounds = self.counts, self.bounds
-        changed = 0
-        for k in range(i, j):
-            before = counts[k]
-            after = before + delta
-            if after < 0:
-                raise AssertionError("pin coverage went negative")
-            if (before == 0) != (after == 0):
-                changed += bounds[k + 1] - bounds[k]
-            counts[k] = after
-        # Restore the invariants around the touched window [i-1, j].
-        k = min(j, len(bounds) - 1)
-        while k >= max(i, 1):
-            if counts[k] == counts[k - 1]:
-                del bounds[k], counts[k]
-            k -= 1
-        while counts and counts[0] == 0:
-            del bounds[0], counts[0]
-        return changed
-
-    def segments(self) -> Iterator[tuple[int, int, int]]:
-        """``(first, last, count)`` of every covered step."""
-        b, c = self.bounds, self.counts
-        for i in range(len(b) - 1):
-            if c[i]:
-                yield b[i], b[i + 1] - 1, c[i]
-
-
-class _Pages:
-    """One ``struct iopt_pages``: the user memory of one MAP, shared by copies."""
-
-    __slots__ = ("seq", "base_page", "npages", "writable", "cov", "users")
-
-    def __init__(self, seq: int, user_va: int, length: int, writable: bool, page_size: int) -> None:
-        self.seq = seq
-        self.base_page = user_va // page_size
-        self.npages = (user_va + length - 1) // page_size - self.base_page + 1
-        self.writable = writable
-        self.cov = _Coverage()
-        self.users = 0  # areas that reference these pages
-
-
 # --------------------------------------------------------------------------- areas
 
 
@@ -356,166 +270,6 @@ class _Area:
 
     def last_index(self, page_size: int) -> int:
         return (self.start_byte + self.length() - 1) // page_size
-
-
-class _Node:
-    __slots__ = ("area", "start", "prio", "left", "right", "pgap", "maxgap", "hi")
-
-    def __init__(self, area: _Area, prio: int) -> None:
-        self.area = area
-        self.start = area.iova
-        self.prio = prio
-        self.left: _Node | None = None
-        self.right: _Node | None = None
-        self.pgap = 0  # free bytes between the previous area (or 0) and this one
-        self.maxgap = 0  # largest pgap in the subtree
-        self.hi = area.last  # last byte of the subtree's rightmost area
-
-
-def _update(n: _Node) -> None:
-    g = n.pgap
-    left, right = n.left, n.right
-    if left is not None and left.maxgap > g:
-        g = left.maxgap
-    if right is not None:
-        if right.maxgap > g:
-            g = right.maxgap
-        n.hi = right.hi
-    else:
-        n.hi = n.area.last
-    n.maxgap = g
-
-
-def _split(t: _Node | None, key: int) -> tuple[_Node | None, _Node | None]:
-    """(nodes with start < key, nodes with start >= key)."""
-    if t is None:
-        return None, None
-    if t.start < key:
-        a, b = _split(t.right, key)
-        t.right = a
-        _update(t)
-        return t, b
-    a, b = _split(t.left, key)
-    t.left = b
-    _update(t)
-    return a, t
-
-
-def _merge(a: _Node | None, b: _Node | None) -> _Node | None:
-    if a is None:
-        return b
-    if b is None:
-        return a
-    if a.prio > b.prio:
-        a.right = _merge(a.right, b)
-        _update(a)
-        return a
-    b.left = _merge(a, b.left)
-    _update(b)
-    return b
-
-
-def _set_leftmost_pgap(t: _Node, prev_last: int) -> None:
-    if t.left is None:
-        t.pgap = t.start - prev_last - 1
-    else:
-        _set_leftmost_pgap(t.left, prev_last)
-    _update(t)
-
-
-class _AreaTree:
-    """The areas of one IOAS (``iopt->area_itree``), non-overlapping, in a
-    treap keyed by IOVA and augmented with the free gap before each area, so
-    that the first gap of a given size is found in O(log n)."""
-
-    __slots__ = ("root", "count", "_rng")
-
-    def __init__(self) -> None:
-        self.root: _Node | None = None
-        self.count = 0
-        self._rng = random.Random(0x10AD)  # tree shape only; results never depend on it
-
-    def insert(self, area: _Area) -> None:
-        node = _Node(area, self._rng.getrandbits(32))
-        left, right = _split(self.root, area.iova)
-        node.pgap = area.iova - (left.hi if left is not None else -1) - 1
-        _update(node)
-        if right is not None:
-            _set_leftmost_pgap(right, area.last)
-        self.root = _merge(_merge(left, node), right)
-        self.count += 1
-
-    def remove(self, area: _Area) -> None:
-        left, rest = _split(self.root, area.iova)
-        mid, right = _split(rest, area.iova + 1)
-        if mid is None or mid.area is not area:
-            raise AssertionError("area not in its tree")
-        if right is not None:
-            _set_leftmost_pgap(right, left.hi if left is not None else -1)
-        self.root = _merge(left, right)
-        self.count -= 1
-
-    def floor(self, x: int) -> _Area | None:
-        """The area with the largest iova <= x."""
-        n, best = self.root, None
-        while n is not None:
-            if n.start <= x:
-                best = n
-                n = n.right
-            else:
-                n = n.left
-        return best.area if best is not None else None
-
-    def higher(self, x: int) -> _Node | None:
-        """The node with the smallest iova > x."""
-        n, best = self.root, None
-        while n is not None:
-            if n.start > x:
-                best = n
-                n = n.left
-            else:
-                n = n.right
-        return best
-
-    def first_intersecting(self, first: int, last: int) -> _Area | None:
-        """``iopt_area_iter_first(iopt, first, last)``: lowest area meeting the range."""
-        a = self.floor(first)
-        if a is not None and a.last >= first:
-            return a
-        n = self.higher(first)
-        if n is not None and n.start <= last:
-            return n.area
-        return None
-
-    def first_gap_after(self, x: int, size: int) -> _Node | None:
-        """The lowest node with iova > x whose preceding gap is >= size bytes."""
-        return _first_gap(self.root, x, size)
-
-    def hi(self) -> int:
-        return self.root.hi if self.root is not None else -1
-
-    def __iter__(self) -> Iterator[_Area]:
-        stack: list[_Node] = []
-        n = self.root
-        while stack or n is not None:
-            while n is not None:
-                stack.append(n)
-                n = n.left
-            n = stack.pop()
-            yield n.area
-            n = n.right
-
-
-def _first_gap(n: _Node | None, x: int, size: int) -> _Node | None:
-    if n is None or n.maxgap < size:
-        return None
-    if n.start > x:
-        found = _first_gap(n.left, x, size)
-        if found is not None:
-            return found
-        if n.pgap >= size:
-            return n
-    return _first_gap(n.right, x, size)
 
 
 # --------------------------------------------------------------------------- public types
@@ -615,7 +369,7 @@ class IOAS:
     def __init__(self, ctx: IommufdCtx, ioas_id: int) -> None:
         self._ctx = ctx
         self.id = ioas_id
-        self._tree = _AreaTree()
+        self._tree: _AreaTree[_Area] = _AreaTree()
         self._reserved: list[tuple[int, int, object]] = []  # (start, last, owner)
         self._allowed: list[tuple[int, int]] = []
         self._domains: list[Domain] = []
@@ -1250,7 +1004,7 @@ class IommufdCtx:
         return start
 
     def _first_fit(
-        self, tree: _AreaTree, fs: int, fl: int, length: int, align: int, offset: int
+        self, tree: _AreaTree[_Area], fs: int, fl: int, length: int, align: int, offset: int
     ) -> int | None:
         """The first area-free hole of ``[fs, fl]``, ascending, that fits."""
         a = tree.floor(fs)
