@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import errno as errno_names
 import json
+import re
 import time
 import traceback
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -496,6 +497,16 @@ class _QuotaReached(BaseException):
     Exception, so Hypothesis lets it through instead of shrinking it."""
 
 
+def _signature(failure: Failure) -> tuple[str, ...]:
+    """What makes two failures "the same" for shrinking (see _Search.same_failure)."""
+    if failure.model_error is not None:
+        return ("model-error", failure.model_error.error.split(":", 1)[0])
+    d = failure.divergence
+    assert d is not None
+    op = failure.steps[-1].step.get("op") if failure.steps else None
+    return ("divergence", str(op), re.split(r"[.\[]", d.field, maxsplit=1)[0])
+
+
 def _key(steps: Sequence[Step]) -> str:
     return json.dumps(steps, sort_keys=True, separators=(",", ":"))
 
@@ -520,6 +531,7 @@ class _Search:
         self.best: Failure | None = None
         self.first_length: int | None = None
         self.shrink_started: float | None = None
+        self.signature: tuple[str, ...] | None = None
         self.shrink_cut = False
         self.started = clock()
         self.last_progress = self.started
@@ -563,15 +575,23 @@ class _Search:
             failure = self._execute(planned, model_error)
             self.cache[key] = failure
         self.progress()
-        if failure is None:
+        if failure is None or not self.same_failure(failure):
             return
         self._record(failure)
         raise _SequenceFailed(failure.kind)
+
+    def same_failure(self, failure: Failure) -> bool:
+        """While shrinking, only failures like the first one count: the same kind,
+        the same op at the divergent step and the same top-level field (or, for a
+        model error, the same exception type). Without this the shrinker slips to
+        whatever other divergence a smaller sequence shows."""
+        return self.signature is None or _signature(failure) == self.signature
 
     def _record(self, failure: Failure) -> None:
         if self.best is None or failure.length <= self.best.length:
             self.best = failure
         if self.shrink_started is None:
+            self.signature = _signature(failure)
             self.first_length = failure.length
             self.shrink_started = self.clock()
             self.stats.seconds = self.shrink_started - self.started
@@ -619,7 +639,7 @@ class _Search:
                     failure = self._execute(planned, None)
                     self.cache[key] = failure
                     self.progress()
-                if failure is not None and failure.divergence is not None and failure.length < self.best.length:
+                if failure is not None and self.same_failure(failure) and failure.length < self.best.length:
                     self.best = failure
                     improved = True
                     break

@@ -229,7 +229,7 @@ def _weighted(*weights: int) -> st.SearchStrategy[int]:
 _sel = st.integers(0, 63)
 # IOAS argument: a live IOAS, a live IOAS that has areas, another object's id, 0, an unused id
 _ioas_sel = st.tuples(_weighted(60, 0, 2, 1, 1), _sel)
-_src_sel = st.tuples(_weighted(8, 50, 1, 1, 1), _sel)
+_src_sel = st.tuples(_weighted(8, 50, 1, 1, 1), _sel)  # COPY's source, UNMAP: one with areas
 # user VA: a region page, + 2 KiB, + 1, past the region, its last pages, 0, the top of the space
 _va_sel = st.tuples(_weighted(24, 2, 1, 1, 1, 1, 1), _sel)
 # length: whole pages fitting the region, 0, 2 KiB multiples, unaligned, overflowing, past the region
@@ -239,7 +239,7 @@ _sub_sel = _weighted(13, 2, 1)
 _iova_sel = st.one_of(st.none(), st.tuples(_weighted(6, 4, 3, 3, 2, 1, 2, 1, 1, 1), _sel, _sub_sel))
 # (iova, length) over areas: kinds in _resolve_range; then a delta
 _delta_sel = _weighted(4, 2, 1, 1, 1)
-_range_sel = st.tuples(_weighted(10, 2, 2, 2, 2, 2, 1, 2, 1, 1, 1, 1, 1), _sel, _delta_sel)
+_range_sel = st.tuples(_weighted(10, 2, 2, 2, 2, 6, 1, 2, 1, 1, 1, 1, 1), _sel, _delta_sel)
 _copy_range_sel = st.tuples(_weighted(10, 2, 2, 3, 2, 1, 0, 3, 0, 1, 1, 0, 1), _sel, _delta_sel)
 # (readable, writeable): rw, r-, -w, --
 _prot_sel = _weighted(12, 3, 1, 1)
@@ -252,10 +252,10 @@ _obj_sel = st.tuples(_weighted(3, 10, 1, 1), _sel)
 # (500) on nothing.
 ABSTRACT_OPS = ("map", "unmap", "copy", "mock_domain", "unmap_all", "destroy", "access_create", "access_rw",
                 "access_close", "ioas_alloc")
-_op_sel = _weighted(8, 5, 3, 2, 1, 2, 1, 2, 1, 1)
+_op_sel = _weighted(8, 6, 3, 2, 1, 1, 1, 2, 1, 1)
 _OP_STEPS: tuple[st.SearchStrategy[tuple[Any, ...]], ...] = (
     st.tuples(st.just("map"), _ioas_sel, _va_sel, _len_sel, _iova_sel, _prot_sel),
-    st.tuples(st.just("unmap"), _ioas_sel, _range_sel),
+    st.tuples(st.just("unmap"), _src_sel, _range_sel),
     st.tuples(st.just("copy"), _ioas_sel, _src_sel, _copy_range_sel, _iova_sel, _prot_sel),
     st.tuples(st.just("mock_domain"), _ioas_sel),
     st.tuples(st.just("unmap_all"), _ioas_sel),
@@ -402,8 +402,12 @@ def _resolve_range(m: PinningModel, ioas: int, sel: tuple[int, int, int], *,
     elif kind == 4:  # this area and the next one (with what lies between)
         end = nxt[1] if nxt is not None else last
         iova, length = first, end - first + 1
-    elif kind == 5:  # this area and part of the next one
-        end = nxt[0] + d - 1 if nxt is not None else last + d
+    elif kind == 5:  # this area and part of the next one (less than all of it)
+        if nxt is not None:
+            part = d if d < nxt[1] - nxt[0] + 1 else max(1, (nxt[1] - nxt[0] + 1) // 2)
+            end = nxt[0] + part - 1
+        else:
+            end = last + d
         iova, length = first, end - first + 1
     elif kind == 6:  # this area with margins on both sides
         iova, length = first - d, last - first + 1 + 2 * d
@@ -529,6 +533,13 @@ class PinningTarget:
     def resolve(self, model: PinningModel, abstract: Any) -> Step:
         m = model
         op = abstract[0]
+        if op in ("unmap", "copy") and abstract[1 if op == "unmap" else 2][0] <= 1 \
+                and not any(m.ctx.ioas(i).areas() for i in m.ioas_ids()):
+            # nothing is mapped anywhere: an UNMAP or COPY of a live IOAS would only say
+            # ENOENT; map something first
+            n = abstract[1][1]
+            abstract = ("map", (0, n), (0, n), (0, n), None, 0)
+            op = "map"
         if op == "ioas_alloc":
             return {"op": "ioas_alloc"}
         if op == "audit":
