@@ -522,7 +522,9 @@ class IOAS:
         above 16 MiB; EINVAL length 0; EOVERFLOW iova + length - 1 past 2**64;
         ENOENT destroyed IOAS; then over the areas met from ``iova`` on, in
         order: EPERM an area without the protection (READABLE to read,
-        WRITEABLE to write), ENOENT a gap before the end.  Works without a
+        WRITEABLE to write), EFAULT when the area's user memory in range is not
+        mapped (:meth:`IommufdCtx.set_user_memory`; ``iopt_pages_rw_access``
+        reaches the user pages), ENOENT a gap before the end.  Works without a
         domain.  Returns None when the kernel would copy."""
         self._ctx._access_rw(self, iova, length, write)
 
@@ -634,6 +636,15 @@ class IommufdCtx:
         self._next_id += 1
         return i
 
+    def _next_ids(self, n: int) -> list[int]:
+        """The ``n`` ids :meth:`_alloc_id` would hand out next (nothing allocated)."""
+        out = sorted(self._free_ids)[:n]
+        nxt = self._next_id
+        while len(out) < n:
+            out.append(nxt)
+            nxt += 1
+        return out
+
     def _free_id(self, obj_id: int) -> None:
         del self._objects[obj_id]
         heapq.heappush(self._free_ids, obj_id)
@@ -686,7 +697,9 @@ class IommufdCtx:
         domain or pins).  A new HWPT attaches a domain with aperture
         ``[MOCK_APERTURE_START, MOCK_APERTURE_LAST]`` and alignment
         page_size/2: EADDRINUSE if areas or allowed ranges break them; ENOENT
-        no such IOAS.  Every id is released on failure.  (The kernel refuses
+        no such IOAS; EINVAL for an id the call allocates itself (its selftest
+        object or device: the ids are taken before the IOAS is looked up).
+        Every id is released on failure.  (The kernel refuses
         mock domains with EINVAL when a real IOMMU such as intel-iommu
         registered first; the model assumes a machine without one.)"""
         if self.real_iommu:
@@ -695,6 +708,11 @@ class IommufdCtx:
             target = self._live(ioas)
             hwpt = target._hwpt
         else:
+            if ioas in self._next_ids(2):
+                # iommufd_test_mock_domain allocates the selftest object and binds
+                # the device (two new ids) before iommufd_device_attach looks pt_id
+                # up: an id the call itself just took names one of those objects
+                raise _fail(_errno.EINVAL, f"object {ioas} is the call's own selftest object or device")
             obj = self._objects.get(ioas)
             if isinstance(obj, IOAS):
                 target, hwpt = obj, obj._hwpt
@@ -1245,6 +1263,14 @@ class IommufdCtx:
                 raise _fail(_errno.EPERM, f"area {a.iova:#x} lacks the protection")
             if write and not a.pages.writable:
                 raise _fail(_errno.EPERM, "pages mapped read-only")
+            if self._user_memory is not None:
+                # iopt_pages_rw_access copies through the user's pages (GUP when
+                # nothing pins them): an unmapped user page is EFAULT, before any
+                # later area is looked at
+                base = a.pages.base_page * self.page_size + a.start_byte - a.iova
+                lo, hi = base + cur, base + min(a.last, last)
+                if next(_holes(self._user_memory, lo, hi), None) is not None:
+                    raise _fail(_errno.EFAULT, f"user memory {lo:#x}..{hi:#x} is not mapped")
             if a.last >= last:
                 return
             cur = a.last + 1

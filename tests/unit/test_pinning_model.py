@@ -603,3 +603,35 @@ def test_benchmark_runs_small_and_checks_its_inputs() -> None:
     with pytest.raises(ValueError):
         bench.run(sizes=(16,), ops=0)
     assert bench.main(["--sizes", "16", "--ops", "64"]) == 0
+
+
+def test_mock_domain_on_an_id_the_call_allocates_itself_is_einval() -> None:
+    """Seen in the guest: on a fresh context MOCK_DOMAIN(2) is EINVAL (ids 1 and 2
+    are the call's own selftest object and device), MOCK_DOMAIN(9) ENOENT; no id
+    is consumed by the failure."""
+    ctx = IommufdCtx()
+    assert err(ctx.mock_domain, 2).errno == errno.EINVAL
+    assert err(ctx.mock_domain, 1).errno == errno.EINVAL
+    assert err(ctx.mock_domain, 9).errno == errno.ENOENT
+    ioas = ctx.ioas_alloc()
+    assert ioas.id == 1
+    md = ctx.mock_domain(1)
+    assert (md.stdev_id, md.idev_id, md.hwpt_id) == (2, 3, 4)
+
+
+def test_access_rw_of_an_area_whose_user_memory_is_not_mapped_is_efault() -> None:
+    """Seen in the guest: without a domain a MAP of unmapped user memory succeeds
+    (nothing is pinned), and ACCESS_RW through it is EFAULT (iopt_pages_rw_access
+    reaches the user pages); EPERM is checked first, and the EFAULT of an area
+    comes before the ENOENT of a later gap."""
+    ctx = IommufdCtx()
+    ctx.set_user_memory([(0x10000, 0x1FFFF)])
+    ioas = ctx.ioas_alloc()
+    bad = ioas.map(0x0, 0x1000, iova=0x1000)
+    good = ioas.map(0x10000, 0x1000, iova=0x2000)
+    ro = ioas.map(0x0, 0x1000, iova=0x5000, writeable=False)
+    assert err(ioas.access_rw, bad, 0x1000, write=False).errno == errno.EFAULT
+    assert ioas.access_rw(good, 0x1000, write=True) is None
+    assert err(ioas.access_rw, ro, 0x1000, write=True).errno == errno.EPERM
+    assert err(ioas.access_rw, bad, 0x3000, write=False).errno == errno.EFAULT
+    assert err(ioas.access_rw, good, 0x2000, write=False).errno == errno.ENOENT
