@@ -476,3 +476,50 @@ def test_bad_inputs_exit_2_with_one_line(kv_registered, tmp_path, capsys):
     assert_usage_error(capsys, ["--replay", str(unknown)], "unknown model 'grant-x'")
     (tmp_path / "file").write_text("")
     assert_usage_error(capsys, ["kv", "--out", str(tmp_path / "file")], "--out", "not a folder")
+
+
+# ------------------------------------------------------------------ shrinking keeps to one failure, interrupts
+
+
+class TwoBugs(KVTarget):
+    """delete keeps the key (seen by the keys probe), and get of key 0 on an empty store
+    answers 0 instead of ENOENT."""
+
+    def mutants(self) -> Mapping[str, str]:
+        return {"two-bugs": "delete keeps the key; get 0 answers 0"}
+
+    def new_model(self, mutant: str | None) -> KV:
+        return TwoBugsKV(delete_keeps=mutant == "two-bugs") if mutant else KV()
+
+
+class TwoBugsKV(KV):
+    def apply(self, step: Step) -> Observation:
+        if self.delete_keeps and step["op"] == "get" and step["key"] == 0 and not self.data:
+            return {"errno": 0, "value": 0}
+        return super().apply(step)
+
+
+def test_shrinking_does_not_slip_to_another_divergence():
+    state = engine._Search(TwoBugs(), ModelExecutor(), mutant="two-bugs", sequences=10, shrink_seconds=60,
+                           echo=quiet, progress_seconds=60, clock=lambda: 0.0)
+    first = [{"op": "put", "key": 5, "value": 1}, {"op": "delete", "key": 5}]
+    with pytest.raises(engine._SequenceFailed):
+        state.run(first)
+    assert state.signature == ("divergence", "delete", "keys")
+    state.run([{"op": "get", "key": 0}])  # a smaller divergence of another kind: passes while shrinking
+    assert state.best is not None and len(state.best.steps) == 2
+    with pytest.raises(engine._SequenceFailed):
+        state.run([{"op": "put", "key": 3, "value": 1}, {"op": "delete", "key": 3}])
+
+
+def test_an_interrupt_propagates_and_the_sequence_is_torn_down():
+    class Interrupting(FakeKVAgent):
+        def call(self, op: str, timeout: float = 60.0, **args: Any) -> Any:
+            if any(c["op"] == "kv.get" for c in args["calls"]):
+                raise KeyboardInterrupt()
+            return super().call(op, timeout, **args)
+
+    agent = Interrupting()
+    with pytest.raises(KeyboardInterrupt):
+        search(KVTarget(), AgentExecutor(agent), sequences=50, seed=1, echo=quiet)  # type: ignore[arg-type]
+    assert agent.closed  # the interrupted sequence's teardown still ran
