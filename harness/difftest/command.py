@@ -41,6 +41,8 @@ DEFAULT_SEQUENCES = 100
 DEFAULT_MAX_STEPS = 20
 DEFAULT_SHRINK_SECONDS = 120.0
 DEFAULT_OUT = "artifacts/difftest"
+NO_MUTANT = "none"
+"""``--model-mutant none``: the correct model (to replay a mutant's file against it)."""
 BOOT_TIMEOUT = 120.0
 """Seconds the guest may take to come up (a shared, loaded TCG host can need more than a minute)."""
 
@@ -55,7 +57,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-steps", type=int, default=DEFAULT_MAX_STEPS,
                    help=f"steps per sequence at most (default {DEFAULT_MAX_STEPS})")
     p.add_argument("--model-mutant", metavar="NAME",
-                   help="compare against a deliberately wrong variant of the model (must diverge)")
+                   help="compare against a deliberately wrong variant of the model (must diverge); "
+                        "'none': the correct model (overrides a replay file's mutant)")
     p.add_argument("--replay", metavar="FILE", help="re-run the sequence of a replay file saved by difftest")
     p.add_argument("--out", default=DEFAULT_OUT,
                    help=f"folder for replay files of divergent sequences (default {DEFAULT_OUT})")
@@ -83,6 +86,8 @@ class Inputs:
         known = self.target.mutants()
         self.mutant: str | None = args.model_mutant if args.model_mutant is not None else (
             loaded.mutant if loaded is not None else None)
+        if self.mutant == NO_MUTANT:
+            self.mutant = None
         if self.mutant is not None and self.mutant not in known:
             where = "--model-mutant" if args.model_mutant is not None else f"replay file {args.replay!r}: mutant"
             raise ConfigError(f"{where} {self.mutant!r} is not a mutant of model {model!r}: known mutants are "

@@ -406,6 +406,9 @@ def test_command_ok_divergence_and_replay(kv_registered, tmp_path, capsys):
     assert any("diverges as saved: step 2" in line for line in lines)
     lines = []
     assert run_command(["kv", "--replay", str(path), "--model-mutant", "crash"], ModelExecutor(), lines) == 0
+    lines = []
+    assert run_command(["--replay", str(path), "--model-mutant", "none"], ModelExecutor(), lines) == 0
+    assert "against the model" in lines[0]
     # a replay never writes a new file
     assert len(list(tmp_path.iterdir())) == 1
 
