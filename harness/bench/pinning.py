@@ -9,8 +9,7 @@ attached (so every operation also counts pins):
 * ``dst``: a COPY of each of them at the same IOVA (sharing their pages).
 
 The build cost per area (one MAP plus one COPY) is recorded.  Then it runs
-``ops`` operations in blocks of ``BLOCK``, each block's kind drawn at random,
-and times each kind separately:
+``ops`` operations and times each kind separately:
 
 * ``map``: a FIXED_IOVA MAP of one page into a random one-page hole of ``src``;
 * ``unmap``: an UNMAP of a random existing area of ``dst`` (its pages stay
@@ -21,32 +20,23 @@ and times each kind separately:
 * ``copy``: a COPY of a random ``src`` area into a random hole of ``dst``.
 
 After each timed block the IOASes are put back as they were (untimed), so n
-stays constant.  The cyclic garbage collector is paused while timing, as
-``timeit`` does.  Each kind's result has ns/op, ops/s and ``(ns/op / log2 n)``
-normalised to the first (smallest) size: if the cost grows like log n that
-ratio stays near 1; linear growth would multiply it by about n/n0.
-
-The inputs are deterministic (``seed``); the timings are of course not.
+stays constant.  The blocks, their timing, the normalisation by log2 n and the
+table are :mod:`harness.bench.timing`'s.
 """
 
 from __future__ import annotations
 
-import argparse
-import gc
-import math
 import random
 import sys
-import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
 
+from harness.bench import timing
+from harness.bench.timing import BLOCK, DEFAULT_OPS, DEFAULT_SIZES, Bench, Block, Row
 from harness.models.pinning import IOAS, IommufdCtx
 
 PAGE = 4096
 IOVA_BASE = 0x1_0000_0000  # where the areas' IOVAs begin
 UVA_BASE = 0x7F00_0000_0000  # where their user memory begins
-BLOCK = 64
 KINDS = ("map", "unmap", "auto_map", "copy")
 WEIGHTS = (1, 1, 1, 1)
 LABELS = {
@@ -58,47 +48,33 @@ LABELS = {
     "mixed": "mixed",
 }
 
-Row = dict[str, float]
-Block = Callable[[], int]  # runs one timed block, returns how many operations it did
 
-
-@contextmanager
-def _gc_paused() -> Iterator[None]:
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
-
-
-@dataclass
 class _Workload:
-    n: int
-    rng: random.Random
-    ctx: IommufdCtx = field(default_factory=IommufdCtx)
-    build_seconds: float = 0.0
+    """Two IOASes with domains, ``src`` with n one-page areas and holes between
+    them, ``dst`` with a COPY of each; ``_undo`` reverts the last block."""
 
-    def __post_init__(self) -> None:
+    def __init__(self, n: int, rng: random.Random) -> None:
+        self.n, self.rng = n, rng
+        self.ctx = IommufdCtx()
         self.src: IOAS = self.ctx.ioas_alloc()
         self.dst: IOAS = self.ctx.ioas_alloc()
+        self.src.add_reserved(0, IOVA_BASE - 1)  # automatic IOVAs must search among the areas
+        self.src.attach_domain()
+        self.dst.attach_domain()
+        self.order = list(range(n))  # order in which the areas are built
+        rng.shuffle(self.order)
         self._undo: Callable[[], object] = lambda: None
 
     def build(self) -> None:
         src, dst = self.src, self.dst
-        src.add_reserved(0, IOVA_BASE - 1)  # automatic IOVAs must search among the areas
-        src.attach_domain()
-        dst.attach_domain()
-        order = list(range(self.n))
-        self.rng.shuffle(order)
-        with _gc_paused():
-            t0 = time.perf_counter()
-            for k in order:
-                iova = IOVA_BASE + 2 * k * PAGE
-                src.map(UVA_BASE + k * PAGE, PAGE, iova=iova)
-                dst.copy_from(src, iova, PAGE, iova=iova)
-            self.build_seconds = time.perf_counter() - t0
+        for k in self.order:
+            iova = IOVA_BASE + 2 * k * PAGE
+            src.map(UVA_BASE + k * PAGE, PAGE, iova=iova)
+            dst.copy_from(src, iova, PAGE, iova=iova)
+
+    def factories(self) -> Mapping[str, Callable[[], Block]]:
+        return {"map": self.map, "unmap": self.unmap, "auto_map": self.auto_map,
+                "copy": self.copy}
 
     def _slots(self, holes: bool) -> list[int]:
         return [IOVA_BASE + (2 * self.rng.randrange(self.n) + holes) * PAGE for _ in range(BLOCK)]
@@ -157,6 +133,7 @@ class _Workload:
         return block
 
     def undo(self) -> None:
+        """Revert the last block (untimed), so both IOASes hold n areas again."""
         self._undo()
 
     def verify(self) -> None:
@@ -171,121 +148,40 @@ class _Workload:
             if self.ctx.refs(UVA_BASE + k * PAGE) != 1:
                 raise AssertionError(f"page {k} does not have exactly one pin")
 
-
-def _measure(n: int, ops: int, seed: int) -> Row:
-    work = _Workload(n, random.Random(seed * 1_000_003 + n))
-    work.build()
-    factories: dict[str, Callable[[], Block]] = {kind: getattr(work, kind) for kind in KINDS}
-    seconds = dict.fromkeys(KINDS, 0.0)
-    counts = dict.fromkeys(KINDS, 0)
-    kinds = work.rng.choices(KINDS, weights=WEIGHTS, k=max(1, ops // BLOCK))
-    kinds += [kind for kind in KINDS if kind not in kinds]  # measure every kind
-    for kind in kinds:
-        block = factories[kind]()
-        with _gc_paused():
-            t0 = time.perf_counter()
-            done = block()
-            seconds[kind] += time.perf_counter() - t0
-        counts[kind] += done
-        work.undo()
-    work.verify()
-    row: Row = {"n": float(n), "build_ns_per_area": work.build_seconds / n * 1e9}
-    for kind in KINDS:
-        row[f"{kind}_ops"] = float(counts[kind])
-        row[f"{kind}_ns_per_op"] = seconds[kind] / counts[kind] * 1e9
-        row[f"{kind}_ops_per_s"] = counts[kind] / seconds[kind]
-    total_seconds, total_ops = sum(seconds.values()), sum(counts.values())
-    row["mixed_ops"] = float(total_ops)
-    row["mixed_ns_per_op"] = total_seconds / total_ops * 1e9
-    row["mixed_ops_per_s"] = total_ops / total_seconds
-    return row
+    def stats(self) -> Row:
+        return {}
 
 
-def run(
-    sizes: Sequence[int] = (1_000, 10_000, 100_000), ops: int = 20_000, seed: int = 0
-) -> list[Row]:
+BENCH = Bench(
+    name="pinning",
+    title="Pinning model",
+    description="Time the iommufd pinning model's operations at several numbers of areas.",
+    kinds=KINDS,
+    weights=WEIGHTS,
+    labels=LABELS,
+    build_unit="area",
+    size_column="areas",
+    sizes_help="areas per IOAS",
+    workload=_Workload,
+    note="Every IOAS has a domain, so each operation also counts pins.",
+)
+
+
+def run(sizes: Sequence[int] = DEFAULT_SIZES, ops: int = DEFAULT_OPS, seed: int = 0) -> list[Row]:
     """Benchmark the pinning model at each size in ``sizes`` (areas per IOAS);
     one row per size: ``n``, ``build_ns_per_area``, ``build_log_ratio`` and
     for each kind K in ``map``, ``unmap``, ``auto_map``, ``copy``, ``mixed``:
     ``K_ops``, ``K_ns_per_op``, ``K_ops_per_s`` and ``K_log_ratio`` = (ns/op /
     log2 n) over the same in the first row.  Raises ValueError for an empty
     ``sizes``, a size below 2 or ``ops < 1``."""
-    if not sizes:
-        raise ValueError("sizes must not be empty")
-    if any(n < 2 for n in sizes):
-        raise ValueError(f"every size must be at least 2 (log2 n must be > 0), got {list(sizes)}")
-    if ops < 1:
-        raise ValueError(f"ops must be positive, got {ops}")
-    rows = [_measure(n, ops, seed) for n in sizes]
-    base = rows[0]
-    for row in rows:
-        scale = math.log2(base["n"]) / math.log2(row["n"])
-        row["build_log_ratio"] = row["build_ns_per_area"] / base["build_ns_per_area"] * scale
-        for kind in (*KINDS, "mixed"):
-            key = f"{kind}_ns_per_op"
-            row[f"{kind}_log_ratio"] = row[key] / base[key] * scale
-    return rows
-
-
-def _table(rows: list[Row]) -> tuple[list[str], list[list[str]]]:
-    header = ["areas", "operation", "ns/op", "ops/s", "rel. ns/log2n"]
-    body: list[list[str]] = []
-    for row in rows:
-        build = row["build_ns_per_area"]
-        body.append([f"{int(row['n']):,}", LABELS["build"], f"{build:,.0f}",
-                     f"{1e9 / build:,.0f}", f"{row['build_log_ratio']:.2f}"])
-        for kind in (*KINDS, "mixed"):
-            body.append(["", LABELS[kind], f"{row[f'{kind}_ns_per_op']:,.0f}",
-                         f"{row[f'{kind}_ops_per_s']:,.0f}", f"{row[f'{kind}_log_ratio']:.2f}"])
-    return header, body
+    return timing.run(BENCH, sizes, ops=ops, seed=seed)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``harness bench pinning [--sizes 1000,10000,100000] [--ops N] [--seed S]``:
     run the benchmark and print a table.  Returns 0 (argparse exits 2 on bad
     options)."""
-    parser = argparse.ArgumentParser(
-        prog="harness bench pinning",
-        description="Time the iommufd pinning model's operations at several numbers of areas.",
-    )
-    parser.add_argument("--sizes", default="1000,10000,100000",
-                        help="comma-separated numbers of areas per IOAS (default: %(default)s)")
-    parser.add_argument("--ops", type=int, default=20_000,
-                        help="operations per size (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0,
-                        help="seed of the inputs (default: %(default)s)")
-    args = parser.parse_args(list(argv) if argv is not None else None)
-    try:
-        sizes = [int(s.strip().replace("_", "")) for s in args.sizes.split(",") if s.strip()]
-    except ValueError:
-        parser.error(f"--sizes takes comma-separated integers, got {args.sizes!r}")
-    try:
-        rows = run(sizes, ops=args.ops, seed=args.seed)
-    except ValueError as exc:
-        parser.error(str(exc))
-
-    header, body = _table(rows)
-    title = f"Pinning model: {args.ops:,} operations per size, seed {args.seed}"
-    caption = ("rel. ns/log2n: (ns/op / log2 n) over the first row's; near 1 means the cost "
-               "grows like log n. Every IOAS has a domain, so each operation also counts pins.")
-    try:
-        from rich.console import Console
-        from rich.table import Table
-    except ImportError:
-        widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
-        print(title)
-        print(caption)
-        for r in [header, *body]:
-            cells = [c.ljust(w) if i == 1 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))]
-            print("  ".join(cells).rstrip())
-        return 0
-    table = Table(title=title, caption=caption)
-    for i, h in enumerate(header):
-        table.add_column(h, justify="left" if i == 1 else "right", no_wrap=True)
-    for r in body:
-        table.add_row(*r, end_section=r[1] == LABELS["mixed"])
-    Console().print(table)
-    return 0
+    return timing.main(BENCH, argv)
 
 
 if __name__ == "__main__":
