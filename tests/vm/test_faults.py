@@ -37,6 +37,7 @@ from harness.images.kernel import recipe_key
 from harness.images.rootfs import base_key
 from harness.vm.machine import RUN_PREFIX, VM, sweep_stale_run_dirs
 from harness.workloads import NvmePattern
+from tests.vm.conftest import harness_qemu_pids
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "configs" / "intel-iommu-nvme.toml"
@@ -52,22 +53,6 @@ SMALL = {"length": 262144, "chunk": 4096, "rounds": 1}
 
 
 # ---------------------------------------------------------------- leftovers
-def qemu_pids_under(base: Path) -> list[int]:
-    """QEMU processes whose argv names a run directory under ``base``."""
-    marker = f"{base}/{RUN_PREFIX}".encode()
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if b"qemu-system" in cmdline and marker in cmdline:
-            pids.append(int(entry.name))
-    return pids
-
-
 def run_dirs_under(base: Path) -> list[Path]:
     return sorted(base.glob(RUN_PREFIX + "*"))
 
@@ -76,9 +61,9 @@ def assert_nothing_left(base: Path, wait: float = 0.0) -> None:
     """No QEMU naming ``base`` (waiting up to ``wait`` s for one being reaped) and
     no run directory (nor crash log: ``dma-harness-crash-*``) under it."""
     deadline = time.monotonic() + wait
-    while qemu_pids_under(base) and time.monotonic() < deadline:
+    while harness_qemu_pids(base=base) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert qemu_pids_under(base) == [], "QEMU processes left running"
+    assert harness_qemu_pids(base=base) == [], "QEMU processes left running"
     assert run_dirs_under(base) == [], "run directories (or crash logs) left behind"
 
 
@@ -189,7 +174,7 @@ class HarnessRun:
         pytest.fail(f"no NVMe write in QEMU's trace within {timeout:g}s")
 
     def qemu_pid(self) -> int:
-        pids = qemu_pids_under(self.base)
+        pids = harness_qemu_pids(base=self.base)
         assert len(pids) == 1, pids
         return pids[0]
 
@@ -283,10 +268,10 @@ def test_harness_killed_during_workload(harness_run, run_base: Path, measured) -
     run.proc.kill()
     ended = run.end(since=killed)
     assert ended.returncode == -signal.SIGKILL
-    while qemu_pids_under(run_base) and time.monotonic() < killed + REPORT_SLACK:
+    while harness_qemu_pids(base=run_base) and time.monotonic() < killed + REPORT_SLACK:
         time.sleep(0.02)
     measured("seconds_to_qemu_gone", time.monotonic() - killed)
-    assert qemu_pids_under(run_base) == [], "QEMU outlived the SIGKILLed harness"
+    assert harness_qemu_pids(base=run_base) == [], "QEMU outlived the SIGKILLed harness"
     assert run_dirs_under(run_base) == [run_dir]
     assert sweep_stale_run_dirs(run_base) == [run_dir]
     assert_nothing_left(run_base)
