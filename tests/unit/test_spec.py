@@ -110,3 +110,11 @@ def test_kernel_needs_are_the_harness_and_each_device():
     assert needs["INTEL_IOMMU"] == ["intel-iommu"] and needs["BLK_DEV_NVME"] == ["nvme"]
     assert "IRQ_REMAP" not in needs and "XEN_DOM0" not in needs
     assert MachineSpec(devices=(IntelIommu(intremap=True),)).kernel_needs()["IRQ_REMAP"] == ["intel-iommu"]
+
+
+def test_interrupt_remapping_skips_the_io_apic_timer_check():
+    """With intremap the kernel's IO-APIC timer check can panic under TCG on a busy
+    host: the device adds no_timer_check; without intremap it is not added."""
+    assert "no_timer_check" in IntelIommu(intremap=True).kernel_args()
+    assert "no_timer_check" not in IntelIommu(intremap=False).kernel_args()
+    assert "no_timer_check" in MachineSpec(devices=(IntelIommu(intremap=True),)).kernel_cmdline()
