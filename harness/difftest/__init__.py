@@ -9,6 +9,9 @@ Modules:
   harness.difftest.report   what the command prints
   harness.difftest.command  the ``difftest`` command (checks its inputs, boots the guest)
   harness.difftest.pinning  the iommufd pinning target (harness.models.pinning)
+  harness.difftest.vhost_net   the vhost-net device IOTLB target (harness.models.vhost_net)
+  harness.difftest.vhost_vdpa  the vhost-vdpa IOTLB target (harness.models.vhost_vdpa)
+  harness.difftest.iotlb    ``iotlb``: both vhost targets in one run
 
 This module is the registry of targets: :data:`TARGETS` maps a model name to the
 module and class of its target, imported only when asked for.
@@ -26,6 +29,9 @@ if TYPE_CHECKING:
 
 TARGETS: dict[str, tuple[str, str]] = {
     "pinning": ("harness.difftest.pinning", "PinningTarget"),
+    "iotlb": ("harness.difftest.iotlb", "IotlbTarget"),
+    "vhost-net": ("harness.difftest.vhost_net", "VhostNetTarget"),
+    "vhost-vdpa": ("harness.difftest.vhost_vdpa", "VhostVdpaTarget"),
 }
 """Model name -> (module, class) of its :class:`~harness.difftest.engine.Target`."""
 
