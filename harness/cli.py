@@ -95,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     it.add_argument("--ops", type=int, default=20000)
     pin = bsub.add_parser("pinning", help="pinning model (iommufd IOAS) operations per second at 1k/10k/100k areas")
     pin.add_argument("--ops", type=int, default=20000)
+    gnt = bsub.add_parser("grant", help="grant table model (Xen grants) operations per second and peak memory "
+                                        "at 1k/10k/100k refs")
+    gnt.add_argument("--ops", type=int, default=20000)
 
     images = sub.add_parser("images", help="build or show the guest images")
     isub = images.add_subparsers(dest="images", required=True)
@@ -369,6 +372,11 @@ def cmd_bench_pinning(args: argparse.Namespace) -> int:
     return int(pinning.main(["--ops", str(args.ops)]))
 
 
+def cmd_bench_grant(args: argparse.Namespace) -> int:
+    from harness.bench import grant
+    return int(grant.main(["--ops", str(args.ops)]))
+
+
 def cmd_images(args: argparse.Namespace) -> int:
     _check_inputs(args)
     from harness.images.cache import ImageCache, recipes_dir
@@ -487,7 +495,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "soak": cmd_soak, "difftest": cmd_difftest}
     try:
         if args.command == "bench":
-            bench = {"boot": cmd_bench_boot, "iotlb": cmd_bench_iotlb, "pinning": cmd_bench_pinning}
+            bench = {"boot": cmd_bench_boot, "iotlb": cmd_bench_iotlb, "pinning": cmd_bench_pinning,
+                     "grant": cmd_bench_grant}
             return bench[args.bench](args)
         return handlers[args.command](args)
     except KeyboardInterrupt:

@@ -308,3 +308,22 @@ def test_invariants_under_any_sequence(ops: list[tuple[str, int, bool]], version
             assert (r < 8) <= (not e.in_use)
         deferred = t.deferred_refs()
         assert len(set(deferred)) == len(deferred) and all(t.entry(r).deferred for r in deferred)
+
+
+# ----------------------------------------------------------------- benchmark
+
+
+def test_benchmark_runs_small_and_reports_memory() -> None:
+    from harness.bench import grant as bench
+    from harness.cli import build_parser
+
+    rows = bench.run(sizes=(16, 32), ops=128, seed=1)
+    assert [r["n"] for r in rows] == [16.0, 32.0]
+    assert 0 < rows[0]["peak_kib"] < rows[1]["peak_kib"]
+    for kind in (*bench.KINDS, "mixed"):
+        assert rows[0][f"{kind}_log_ratio"] == pytest.approx(1.0)
+        assert rows[1][f"{kind}_ops"] > 0 and rows[1][f"{kind}_ns_per_op"] > 0
+    with pytest.raises(ValueError):
+        bench.run(sizes=(16,), ops=0)
+    assert bench.main(["--sizes", "16", "--ops", "64"]) == 0
+    assert build_parser().parse_args(["bench", "grant", "--ops", "7"]).ops == 7
