@@ -87,7 +87,6 @@ PIN_LIMIT = 128  # GNTPIN_incr2oflow_mask: a counter with bit 7 set takes no mor
 
 NR_RESERVED_ENTRIES = 8
 FREE_PER_ITERATION = 10  # gnttab_handle_deferred's module parameter default
-DOMID_MAX = 0xFFFF
 
 _FREE, _GRANTED, _DEFERRED = 0, 1, 2
 
@@ -113,13 +112,17 @@ class GrantArgumentError(GrantError, ValueError):
 
 @dataclass(frozen=True)
 class GrantEntry:
-    """Snapshot of one ref.  ``domid``/``gfn``/``readonly``: what the granting
-    side last wrote (kept after the end, as in the shared page; 0 if never
-    granted); ``pin_ro``/``pin_rw``: host-RO/RW mappings; ``in_use``: granted
-    or deferred on the Linux side; ``deferred``: on the deferred list;
-    ``flags``: the shared entry's flags word (v1 includes the status bits);
+    """Snapshot of one ref (:meth:`GrantTable.entry`).
+
+    ``domid``/``gfn`` (guest frame number, pages): what the granting side last
+    wrote, kept after the end as in the shared page (0 if never granted);
+    ``readonly``: GTF_readonly in the current flags (False once an end cleared
+    them); ``pin_ro``/``pin_rw``: host-RO/RW mappings; ``in_use``: granted or
+    deferred on the Linux side; ``deferred``: on the deferred list; ``flags``:
+    the shared entry's flags word (with v1 it includes the status bits);
     ``status``: GTF_reading|GTF_writing; ``map_domid``: the domain whose maps
-    pin the entry (None if unpinned)."""
+    pin the entry (None if unpinned).
+    """
 
     ref: int
     version: int
