@@ -128,6 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
     difftest_arguments(difftest)
     _common(difftest)
 
+    matrix = sub.add_parser("matrix", help="the vIOMMU x device matrix: list its cells (and why a cell cannot "
+                                           "run), or write them as scenario files")
+    matrix.add_argument("--write", metavar="FOLDER", help="write every runnable cell as FOLDER/<cell>.toml "
+                                                          "(configs/matrix holds the project's copy)")
+
     doc = sub.add_parser("doctor", help="check this machine: QEMU, KVM, build tools")
     _common(doc)
     return ap
@@ -465,6 +470,20 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return 0 if not missing else EXIT_USAGE
 
 
+def cmd_matrix(args: argparse.Namespace) -> int:
+    from harness.matrix import Cell, cells, write_configs
+    for viommu, device, c in cells():
+        what = f"runs {c.scenario.workload.kind}" if isinstance(c, Cell) else f"skipped: {c.reason}"
+        print(f"{viommu:<14} {device:<12} {what}")
+    if args.write:
+        try:
+            written = write_configs(Path(args.write))
+        except OSError as exc:
+            raise ConfigError(f"--write {args.write}: {exc.strerror or exc}", key="--write") from None
+        print(f"wrote {len(written)} scenario files to {args.write}")
+    return 0
+
+
 def cmd_difftest(args: argparse.Namespace) -> int:
     """Exit 0 when sequences were compared and none diverged, 1 for a divergence,
     2 for bad input, 3 when nothing was compared (see harness.difftest.command)."""
@@ -492,7 +511,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     signal.signal(signal.SIGTERM, _sigterm)
     handlers = {"run": cmd_run, "images": cmd_images, "check": cmd_check, "doctor": cmd_doctor,
-                "soak": cmd_soak, "difftest": cmd_difftest}
+                "soak": cmd_soak, "difftest": cmd_difftest,
+                "matrix": cmd_matrix}
     try:
         if args.command == "bench":
             bench = {"boot": cmd_bench_boot, "iotlb": cmd_bench_iotlb, "pinning": cmd_bench_pinning,
