@@ -30,8 +30,9 @@ pinning, VFIO and KVM-VFIO models, the vfio controller's DMA against the IOAS).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,9 +43,15 @@ from harness.checks.ioas import IoasChecker
 from harness.checks.ioas import applies as ioas_applies
 from harness.checks.sync import SyncPairs, host_sync_keys
 from harness.checks.verdict import Verdict
+from harness.checks.virtio_iommu import VirtioIommuChecker, as_dmar_translations
+from harness.checks.virtio_iommu_sync import VirtioIommuSync
 from harness.checks.vtd import VtdChecker
+from harness.checks.devices import require_devices
+from harness.checks.verdict import CheckReport
+from harness.checks.virtio_blk_data import VirtioBlkDataChecker, virtio_ios_from_records
+from harness.vm.virtio import expected_dma_devices
 from harness.errors import AgentError, ConfigError, VMError
-from harness.trace.events import Event
+from harness.trace.events import VIRTIO_IOMMU_EVENT_CLASSES, Event
 from harness.trace.guest import GUEST_TRACE_EVENTS, GuestEvent, parse_guest_file
 from harness.trace.parser import parse_file
 from harness.vm.machine import VM
@@ -72,6 +79,11 @@ class RunEvidence:
     guest_lost: int = 0
     records: list[dict[str, Any]] = field(default_factory=list)
     nvme_controllers: int = 1
+    virtio_iommu: bool | None = None
+    """The machine has a virtio-iommu (None: decide from the host trace's first lines)."""
+    devices: list[dict[str, Any]] | None = None
+    """The machine's devices as tables (``spec.json``); their DMA devices must each
+    have had something checked (:mod:`harness.checks.devices`).  None: unknown."""
 
     @classmethod
     def from_folder(cls, folder: Path) -> RunEvidence:
@@ -91,7 +103,9 @@ class RunEvidence:
             raise ConfigError(f"{folder / RECORDS}: not a list of op records")
         devices = spec.get("devices", []) if isinstance(spec, dict) else []
         nvme = sum(1 for d in devices if isinstance(d, dict) and d.get("kind") == "nvme") or 1
-        return cls(host, guest, int(info.get("lost", 0)) if isinstance(info, dict) else 0, records, nvme)
+        viommu = any(isinstance(d, dict) and d.get("kind") == "virtio-iommu" for d in devices) or None
+        return cls(host, guest, int(info.get("lost", 0)) if isinstance(info, dict) else 0, records, nvme, viommu,
+                   devices=[d for d in devices if isinstance(d, dict)] if isinstance(spec, dict) else None)
 
 
 def compressed_or_plain(path: Path) -> Path | None:
@@ -133,6 +147,8 @@ def check_evidence(ev: RunEvidence) -> Verdict:
     def host() -> Iterator[Event]:
         return parse_file(ev.host_trace)
 
+    if _uses_virtio_iommu(ev, host):
+        return _check_virtio_iommu_evidence(ev, guest, host, nvme)
     sync = SyncPairs.build(guest, host_sync_keys(host(), nvme=nvme),
                            nvme=nvme)
     vtd = VtdChecker()
@@ -143,6 +159,8 @@ def check_evidence(ev: RunEvidence) -> Verdict:
     ios = ios_from_records(records)
     data = BlockDataChecker(ios, guest, sync) if ios else None
     ioas = IoasChecker(ev.records) if ev.records and ioas_applies(ev.records) else None
+    virtio_ios = virtio_ios_from_records(records)  # virtio-blk (harness/checks/virtio_blk_data.py)
+    vdata = VirtioBlkDataChecker(virtio_ios, guest, sync) if virtio_ios else None
     for event in host():
         vtd.feed(event)
         intent.feed(event)
@@ -150,11 +168,72 @@ def check_evidence(ev: RunEvidence) -> Verdict:
             data.feed(event)
         if ioas is not None:
             ioas.feed(event)
+        if vdata is not None:
+            vdata.feed(event)
     reports = [vtd.finish(), intent.finish()]
     if data is not None:
         reports.append(data.finish())
     if ioas is not None:
         reports.append(ioas.finish())
+    if vdata is not None:
+        reports.append(vdata.finish())
+    _require_devices(ev, reports)
+    return Verdict(reports=reports)
+
+
+def _require_devices(ev: RunEvidence, reports: list[CheckReport]) -> None:
+    """Every DMA device of the machine (nvme, virtio-blk, virtio-net) must have had
+    translations checked by the translation checkers: one with none makes them
+    inconclusive (:func:`harness.checks.devices.require_devices`)."""
+    if ev.devices is None:
+        return
+    expected = expected_dma_devices(ev.devices)
+    for report in reports:
+        if report.checker in ("vtd-consistency", "guest-intent") and (report.checker != "guest-intent"
+                                                                      or ev.guest_trace is not None):
+            require_devices(report, expected)
+
+
+# ---- virtio-iommu (harness/checks/virtio_iommu.py) ---------------------------
+
+_VIRTIO_IOMMU_EVENTS = frozenset(VIRTIO_IOMMU_EVENT_CLASSES)
+_VIRTIO_IOMMU_PROBE_LINES = 2000
+
+
+def _uses_virtio_iommu(ev: RunEvidence, host: Callable[[], Iterator[Event]]) -> bool:
+    """The machine's vIOMMU is a virtio-iommu: from the spec, else from the trace
+    (QEMU traces ``virtio_iommu_switch_address_space`` for every PCI device as
+    the machine is built, so the first lines tell)."""
+    if ev.virtio_iommu is not None:
+        return ev.virtio_iommu
+    return any(type(e) in _VIRTIO_IOMMU_EVENTS for e in itertools.islice(host(), _VIRTIO_IOMMU_PROBE_LINES))
+
+
+def _check_virtio_iommu_evidence(ev: RunEvidence, guest: list[GuestEvent], host: Callable[[], Iterator[Event]],
+                                 nvme: bool) -> Verdict:
+    """The checkers of a virtio-iommu machine: ``virtio-iommu`` (QEMU against the
+    model of the driver's requests) in place of ``vtd-consistency``, then
+    ``guest-intent`` and ``block-data`` as for intel-iommu, ordered by the
+    virtio-iommu sync pairs; block-data reads the translations through
+    :func:`~harness.checks.virtio_iommu.as_dmar_translations`."""
+    sync = VirtioIommuSync.build_viommu(guest, host(), nvme=nvme)
+    viommu = VirtioIommuChecker(expect_endpoints=ev.nvme_controllers)
+    intent = GuestIntentChecker(guest, sync, lost=ev.guest_lost)
+    if ev.guest_trace is None:
+        intent.counts.guest_events = 0
+    records = op_records(ev.records) if ev.records and "result" in ev.records[0] else ev.records
+    ios = ios_from_records(records)
+    data = BlockDataChecker(ios, guest, sync) if ios else None
+    for event in host():
+        viommu.feed(event)
+        intent.feed(event)
+        if data is not None:
+            shown = as_dmar_translations(event)
+            if shown is not None:
+                data.feed(shown)
+    reports = [viommu.finish(), intent.finish()]
+    if data is not None:
+        reports.append(data.finish())
     return Verdict(reports=reports)
 
 
@@ -211,7 +290,9 @@ def finish_vm(vm: VM, *, failures: list[str] | None = None, artifacts: Path | No
     vm.path(RECORDS).write_text(json.dumps(calls, indent=1, default=str))
     info = _read_json(vm.path(GUEST_TRACE_INFO), {}) if guest_path is not None else {}
     ev = RunEvidence(vm.trace_log, guest_path, int(info.get("lost", 0)), calls,
-                     sum(1 for d in vm.spec.devices if d.kind == "nvme") or 1)
+                     sum(1 for d in vm.spec.devices if d.kind == "nvme") or 1,
+                     any(d.kind == "virtio-iommu" for d in vm.spec.devices),
+                     devices=[d.to_table() for d in vm.spec.devices])
     verdict = check_evidence(ev)
     verdict.failures.extend(failures or [])
     vm.path("verdict.json").write_text(json.dumps(verdict.to_dict(), indent=2))

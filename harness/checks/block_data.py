@@ -99,10 +99,12 @@ class IoRecord:
 
 
 def ios_from_records(records: Iterable[Mapping[str, Any]]) -> list[IoRecord]:
-    """The I/Os of ``nvme.pattern_rw`` op records (other records are ignored)."""
+    """The I/Os of ``nvme.pattern_rw`` op records (other records, and those on a
+    virtio-blk disk ``/dev/vdX``, are ignored)."""
     out: list[IoRecord] = []
     for rec in records:
-        if rec.get("op") != "nvme.pattern_rw" or "ios" not in rec:
+        if rec.get("op") != "nvme.pattern_rw" or "ios" not in rec \
+                or str(rec.get("device", "")).startswith("/dev/vd"):  # virtio-blk: harness.checks.virtio_blk_data
             continue
         buffers = [tuple(int(p) for p in pages) for pages in rec.get("buffers_pages", ())]
         for io in rec["ios"]:

@@ -56,6 +56,26 @@ direction is known and the guest's permission must allow it
 (``guest-permission``).  A guest invalidation QEMU never logged is
 ``invalidation-not-processed``.
 
+virtio-iommu
+============
+
+Under virtio-iommu (drivers/iommu/virtio-iommu.c) the same rule judges every
+``virtio_iommu_translate_out`` (sid, iova -> gpa), with these differences:
+
+* the access direction of every translation is known (the ``flag`` of the
+  ``virtio_iommu_translate`` before it: 1 read, 2 write), so every one is
+  checked against the guest's permission, not only those of block requests;
+* there is no IOTLB to invalidate: an UNMAP request is synchronous, so a
+  range the guest unmapped is *dead* for the device once QEMU removed it for
+  the UNMAP request that carries the guest's ``iommu:unmap``
+  (``virtio_iommu_unmap_done`` after the ``virtio_iommu_unmap`` paired with
+  it by :mod:`harness.checks.virtio_iommu_sync`); until then QEMU may still
+  translate it;
+* the logs are ordered by :class:`~harness.checks.virtio_iommu_sync.VirtioIommuSync`
+  (the driver's MAP/UNMAP requests and the NVMe commands);
+* ``unmap-not-processed``: a guest unmap whose UNMAP request QEMU never
+  received although a later request of the guest reached it.
+
 Inconclusive when the guest log is missing, lost events (ring buffer
 overrun), has unparseable lines of a family this check reads (iommu, dma,
 intel_iommu), or no translation was checked.
@@ -74,12 +94,18 @@ from harness.checks.guest_state import GuestState, lost_events
 from harness.checks.sync import INVALIDATION, SyncPair, SyncPairs, host_sync_keys
 from harness.checks.verdict import CheckReport, DivergenceLog, TraceLine
 from harness.models.iommu_domain import IOMMU_READ, IOMMU_WRITE, Mapping
+from harness.checks.virtio_iommu_sync import VirtioIommuSync
 from harness.trace.events import (
     DmarEnable,
     DmarTranslate,
     Event,
     MalformedEvent,
     TranslatePassthrough,
+    VirtioIommuTranslate,
+    VirtioIommuTranslateOut,
+    VirtioIommuUnmap,
+    VirtioIommuUnmapDone,
+    u32,
 )
 from harness.trace.guest import (
     GuestEvent,
@@ -94,6 +120,7 @@ __all__ = [
     "GUEST_PERMISSION",
     "INVALIDATION_NOT_PROCESSED",
     "STALE_AFTER_REMAP",
+    "UNMAP_NOT_PROCESSED",
     "GuestIntentCounts",
     "GuestIntentChecker",
     "check_guest_intent",
@@ -107,18 +134,23 @@ TRANSLATION_WITHOUT_GUEST_MAPPING: Final = "translation-without-guest-mapping"
 GUEST_PERMISSION: Final = "guest-permission"
 INVALIDATION_NOT_PROCESSED: Final = "invalidation-not-processed"
 STALE_AFTER_REMAP: Final = "stale-after-remap"
+UNMAP_NOT_PROCESSED: Final = "unmap-not-processed"
 
 _DIR_PROT: Final = {"TO_DEVICE": IOMMU_READ, "FROM_DEVICE": IOMMU_WRITE,
                     "BIDIRECTIONAL": IOMMU_READ | IOMMU_WRITE}
 _LOOKAHEAD: Final = 256  # guest events searched for the DMA-API event that reports an IOMMU call
 _PAGE: Final = 4096
 _FAMILIES: Final = ("iommu", "dma", "intel_iommu")
+_ACCESS_PROT: Final = (0, IOMMU_READ, IOMMU_WRITE, IOMMU_READ | IOMMU_WRITE)
+"""QEMU's IOMMUAccessFlags (virtio_iommu_translate ``flag``) as the guest permission the access needs."""
 
 
 @dataclass
 class GuestIntentCounts:
     translations_checked: int = 0
-    """``vtd_dmar_translate`` events judged against the guest's mappings."""
+    """``vtd_dmar_translate`` / ``virtio_iommu_translate_out`` events judged against the guest's mappings."""
+    translations_by_sid: str = ""
+    """``sid=count`` of the checked translations, per device (PCI source id)."""
     passthrough: int = 0
     """Pass-through translations (no guest domain to judge them against)."""
     directions_checked: int = 0
@@ -138,6 +170,12 @@ class GuestIntentCounts:
     invalidation_pairs: int = 0
     nvme_pairs: int = 0
     host_only_invalidations: int = 0
+    viommu_map_pairs: int = 0
+    """virtio-iommu: guest ``iommu:map`` events paired with the MAP request QEMU received."""
+    viommu_unmap_pairs: int = 0
+    """virtio-iommu: guest ``iommu:unmap`` events paired with the UNMAP request QEMU received."""
+    viommu_unmaps_done: int = 0
+    """virtio-iommu: guest unmapped ranges QEMU removed (``virtio_iommu_unmap_done``): dead from there on."""
     guest_lost_events: int = 0
     guest_malformed_lines: int = 0
 
@@ -169,7 +207,12 @@ class GuestIntentChecker:
         self.counts.invalidation_pairs = sync.counts.invalidation_pairs
         self.counts.nvme_pairs = sync.counts.nvme_pairs
         self.counts.host_only_invalidations = sync.counts.host_unpaired_invalidations
+        if isinstance(sync, VirtioIommuSync):
+            self.counts.viommu_map_pairs, self.counts.viommu_unmap_pairs = sync.map_pairs, sync.unmap_pairs
         self._pt_pending: dict[int, int] = {}  # sid -> iova of a vtd_translate_pt awaiting its translate
+        self._vi_access: dict[int, int] = {}  # sid -> access flag of the virtio_iommu_translate awaiting its outcome
+        self._vi_unmap: int | None = None  # guest position of the unmap the current UNMAP request carries
+        self._by_sid: dict[int, int] = {}
         self._dmar_enabled: bool | None = None
         self._malformed_vtd = 0
         self._report: CheckReport | None = None
@@ -183,6 +226,22 @@ class GuestIntentChecker:
         if kind is DmarTranslate:
             assert isinstance(event, DmarTranslate)
             self._on_translate(event)
+        elif kind is VirtioIommuTranslate:
+            assert isinstance(event, VirtioIommuTranslate)
+            self._vi_access[u32(event.rid)] = event.flag
+        elif kind is VirtioIommuTranslateOut:
+            assert isinstance(event, VirtioIommuTranslateOut)
+            sid = u32(event.sid)
+            flag = self._vi_access.pop(sid, 0)
+            if self._guest:
+                self.counts.directions_checked += bool(flag)
+                self._judge(event, sid, event.addr, event.gpa, _ACCESS_PROT[flag & 3])
+        elif kind is VirtioIommuUnmap:
+            sync = self._sync
+            self._vi_unmap = sync.unmap_origin.get(event.lineno) if isinstance(sync, VirtioIommuSync) else None
+        elif kind is VirtioIommuUnmapDone:
+            assert isinstance(event, VirtioIommuUnmapDone)
+            self._on_unmap_done(event)
         elif kind is TranslatePassthrough:
             assert isinstance(event, TranslatePassthrough)
             self._pt_pending[event.sid] = event.iova & ~(_PAGE - 1)
@@ -191,12 +250,12 @@ class GuestIntentChecker:
             self._dmar_enabled = event.enable
         elif kind is MalformedEvent:
             assert isinstance(event, MalformedEvent)
-            self._malformed_vtd += event.is_vtd
+            self._malformed_vtd += event.is_vtd or event.trace_name.startswith("virtio_iommu")
         else:
             domain = getattr(event, "domain", None)
-            sid = getattr(event, "sid", None)
-            if isinstance(domain, int) and isinstance(sid, int):  # vtd_iotlb_page_update/hit
-                self._state.did_of_sid[sid] = domain
+            dev = getattr(event, "sid", None)
+            if isinstance(domain, int) and isinstance(dev, int):  # vtd_iotlb_page_update/hit
+                self._state.did_of_sid[dev] = domain
 
     def feed_all(self, events: Iterable[Event]) -> None:
         for e in events:
@@ -208,28 +267,44 @@ class GuestIntentChecker:
         if (pt is not None and pt & ~mask == iova) or self._dmar_enabled is False:
             self.counts.passthrough += 1
             return
-        c = self.counts
         if not self._guest:
             return  # no guest stream: nothing to judge against (the report says so)
-        c.translations_checked += 1
-        h = e.lineno
-        low = self._sync.lower(h)
-        state = self._state
-        state.advance(low)
         request = self._window.current
         need = 0
         if request is not None:
             need = IOMMU_READ if request.to_dev else IOMMU_WRITE
-            c.directions_checked += 1
+            self.counts.directions_checked += 1
+        self._judge(e, sid, iova, gpa, need)
+
+    def _on_unmap_done(self, e: VirtioIommuUnmapDone) -> None:
+        """QEMU removed ``[virt_start, virt_end]`` for the UNMAP request just seen:
+        the guest's ranges it carried are dead from here on."""
+        pos = self._vi_unmap
+        if pos is None or not self._guest:
+            return
+        self._state.advance(max(self._sync.lower(e.lineno), pos))
+        self.counts.viommu_unmaps_done += self._state.flush_unmap(pos, e.virt_start, e.virt_end)
+
+    def _judge(self, e: DmarTranslate | VirtioIommuTranslateOut, sid: int, iova: int, gpa: int, need: int) -> None:
+        """The rule of the module docstring for a translation of ``sid``: ``iova`` ->
+        ``gpa`` at host line ``e.lineno``; ``need``: the permission the access
+        needs (IOMMU_READ/IOMMU_WRITE bits, 0: unknown)."""
+        c = self.counts
+        c.translations_checked += 1
+        self._by_sid[sid] = self._by_sid.get(sid, 0) + 1
+        h = e.lineno
+        low = self._sync.lower(h)
+        state = self._state
+        state.advance(low)
         m = state.translate(sid, iova)
         if m is not None and m.paddr + (iova - m.iova) == gpa:
-            self._check_perm(e, m.prot, need, m.origin)
+            self._check_perm(e, sid, iova, gpa, m.prot, need, m.origin)
             return
         high = self._sync.upper(h, len(self._guest))
         for op in state.maps_between(sid, iova, low, high):
             if op.paddr + (iova - op.iova) == gpa:
                 c.allowed_by_window += 1
-                self._check_perm(e, op.prot, need, op.event)
+                self._check_perm(e, sid, iova, gpa, op.prot, need, op.event)
                 return
         # A range unmapped but whose invalidation had not reached the vIOMMU yet:
         # QEMU's IOTLB may still serve it -- unless the guest has mapped the iova again.
@@ -238,7 +313,7 @@ class GuestIntentChecker:
                     and d.paddr + (iova - d.iova) == gpa:
                 if m is None:
                     c.allowed_unflushed += 1
-                    self._check_perm(e, d.prot, need, d.unmap)
+                    self._check_perm(e, sid, iova, gpa, d.prot, need, d.unmap)
                 else:
                     self._log.diverge(
                         STALE_AFTER_REMAP, e,
@@ -248,21 +323,23 @@ class GuestIntentChecker:
                         related=[("guest unmapped", _guest_line(d.unmap)), ("guest mapped again", _guest_line(m.origin))],
                         sid=sid, iova=iova, expected=m.paddr + (iova - m.iova), observed=gpa)
                 return
-        self._diverge_translation(e, m, low, high)
+        self._diverge_translation(e, sid, iova, gpa, m, low, high)
 
-    def _check_perm(self, e: DmarTranslate, prot: int, need: int, origin: object) -> None:
+    def _check_perm(self, e: DmarTranslate | VirtioIommuTranslateOut, sid: int, iova: int, gpa: int, prot: int,
+                    need: int, origin: object) -> None:
         if need and (prot & need) != need:
-            what = "read" if need == IOMMU_READ else "write"
+            what = {IOMMU_READ: "read", IOMMU_WRITE: "write"}.get(need, "read and write")
+            how = (f"block request at line {self._window.current.lineno if self._window.current else '?'}"
+                   if isinstance(e, DmarTranslate) else "the access flag of virtio_iommu_translate")
             related = [("guest mapped", _guest_line(origin))] if origin is not None else []
             self._log.diverge(
                 GUEST_PERMISSION, e,
-                f"sid {e.sid:#06x} iova {e.iova:#x}: the device used this page to {what} guest memory "
-                f"(block request at line {self._window.current.lineno if self._window.current else '?'}) "
-                f"but the guest mapped it {_prot_name(prot)}",
-                related=related, sid=e.sid, iova=e.iova, observed=e.gpa)
+                f"sid {sid:#06x} iova {iova:#x}: the device used this page to {what} guest memory "
+                f"({how}) but the guest mapped it {_prot_name(prot)}",
+                related=related, sid=sid, iova=iova, observed=gpa)
 
-    def _diverge_translation(self, e: DmarTranslate, m: Mapping | None, low: int, high: int) -> None:
-        sid, iova, gpa = e.sid, e.iova, e.gpa
+    def _diverge_translation(self, e: DmarTranslate | VirtioIommuTranslateOut, sid: int, iova: int, gpa: int,
+                             m: Mapping | None, low: int, high: int) -> None:
         where = f"sid {sid:#06x} iova {iova:#x} -> gpa {gpa:#x}"
         pair = self._last_pair(e.lineno)
         ordered = ([("ordered after", TraceLine(pair.host, f"(host side of a {pair.kind} pair)", "host")),
@@ -306,6 +383,19 @@ class GuestIntentChecker:
             return self._report
         c = self.counts
         c.devices = self._state.devices
+        c.translations_by_sid = " ".join(f"{sid:#06x}={n}" for sid, n in sorted(self._by_sid.items()))
+        sync = self._sync
+        if isinstance(sync, VirtioIommuSync):
+            # An unmap QEMU never received keeps the device's access to the page; in
+            # strict mode the request is sent before the DMA-API unmap returns, so one
+            # the guest logged before a later request QEMU did receive was lost.
+            last = sync.last_guest_first()
+            for pos in sync.guest_unpaired_unmaps:
+                if pos < last:
+                    self._log.diverge(
+                        UNMAP_NOT_PROCESSED, _guest_line(self._guest[pos]),
+                        "the guest unmapped this range but QEMU never received its UNMAP request "
+                        "(later requests did reach it)", related=[])
         for pos, key in self._sync.unpaired_guest:
             if key[0] == INVALIDATION:
                 self._log.diverge(
@@ -320,7 +410,7 @@ class GuestIntentChecker:
         if self._malformed_families:
             inconclusive.append("unparseable guest trace lines of " + ", ".join(self._malformed_families))
         if self._malformed_vtd:
-            inconclusive.append(f"{self._malformed_vtd} vtd_* lines of QEMU's trace could not be parsed")
+            inconclusive.append(f"{self._malformed_vtd} vtd_*/virtio_iommu_* lines of QEMU's trace could not be parsed")
         if not c.translations_checked:
             inconclusive.append("no DMA translation was checked against the guest's mappings")
         warnings: list[str] = []

@@ -175,12 +175,15 @@ class GuestState:
 
     ``domains``: device source id (None: unattributed) -> its domain model;
     ``dead``: per device, the ranges it unmapped, each with the position of
-    the invalidation that covered it (None: not yet); ``did_of_sid``: VT-d
+    the invalidation that covered it (None: not yet; under virtio-iommu the
+    position of the unmap itself, once QEMU removed the range:
+    :meth:`flush_unmap`); ``did_of_sid``: VT-d
     domain ids of devices (filled in by the caller) so that page and domain
     invalidations only flush their own domain.
     """
 
     def __init__(self, guest: Sequence[GuestEvent]) -> None:
+        self._guest = guest
         self.ops, self.unattributed_maps, self.unattributed_unmaps = resolve_ops(guest)
         self.invalidations = [(pos, e) for pos, e in enumerate(guest)
                               if isinstance(e, GuestQiSubmit) and e.desc_type == "iotlb_inv"]
@@ -271,6 +274,21 @@ class GuestState:
             dead.append(DeadMapping(lo, hi, paddr + (lo - iova), prot, op.event, None))
         if len(dead) > 4096:  # bound memory: forget the oldest flushed ones
             self.dead[op.sid] = [d for d in dead if d.flushed is None] + [d for d in dead if d.flushed][-1024:]
+
+    def flush_unmap(self, pos: int, start: int, last: int) -> int:
+        """Mark dead the ranges inside ``[start, last]`` that the guest's unmap at
+        position ``pos`` removed: a vIOMMU without an IOTLB to invalidate
+        (virtio-iommu) stops translating them once its UNMAP request removed
+        them (QEMU's ``virtio_iommu_unmap_done``).  Call after :meth:`advance`
+        past ``pos``.  Returns how many ranges were marked."""
+        event = self._guest[pos] if 0 <= pos < len(self._guest) else None
+        marked = 0
+        for dead in self.dead.values():
+            for i, d in enumerate(dead):
+                if d.flushed is None and d.unmap is event and start <= d.iova and d.last <= last:
+                    dead[i] = DeadMapping(d.iova, d.last, d.paddr, d.prot, d.unmap, pos)
+                    marked += 1
+        return marked
 
     def _flush(self, pos: int, inv: GuestQiSubmit) -> None:
         gran = inv.granularity

@@ -14,7 +14,25 @@ pair kind                  guest event                          QEMU event      
                            (drivers/nvme/host/core.c)           sqid, cid (hw/nvme/ctrl.c)
 ``nvme-complete``          ``nvme:nvme_complete_rq`` qid,       ``pci_nvme_enqueue_req_completion``     QEMU first
                            cmdid                                cqid, cid
+``dev-tlb-invalidation``   ``intel_iommu:qi_submit`` of a       ``vtd_inv_desc`` of type ``device``     guest first
+                           ``dev_tlb_inv`` descriptor (qw0,     (low, high: the same quadwords)
+                           qw1)
+``virtio-blk-submit``      the last DMA-API map of a virtio-    ``virtio_blk_handle_{read,write}``     guest first
+                           blk request (:mod:`harness.checks.   (source id of the element's
+                           virtio_blk`): sid, direction, bytes  translations, direction, bytes)
+``virtio-blk-complete``    the first unmap of one of the        ``virtio_blk_req_complete`` of that     QEMU first
+                           request's iovas after it             request
 ========================  ==================================  =====================================  =========
+
+A virtio-blk request is paired by (source id, direction, data bytes),
+occurrence by occurrence: both sides see every read and write request of the
+device in the order the driver queued them (one request queue; the guest
+kicks after mapping, QEMU pops in ring order).  Requests without data or with
+non-sector data (flush, discard, get-id) are left out on both sides: QEMU 7.2
+traces only ``virtio_blk_handle_read``/``_write``.  The guest's side of a
+submission is the request's last map (the driver kicks after it); of a
+completion, the first unmap of one of its iovas (``detach_buf_split`` runs
+only on elements QEMU has pushed to the used ring).
 
 The guest side of an ``nvme-submit`` pair is moved past the command's own
 data mappings (:func:`_doorbell`): the trace point precedes them, the
@@ -70,7 +88,12 @@ from harness.trace.events import (
     NvmeAdminCmd,
     NvmeEnqueueReqCompletion,
     NvmeIoCmd,
+    VirtioBlkHandleRead,
+    VirtioBlkHandleWrite,
+    VirtioBlkReqComplete,
+    VtdInvDesc,
 )
+from harness.checks.virtio_blk import VirtioElementTracker, guest_blk_requests
 from harness.trace.guest import (
     GuestDmaMap,
     GuestEvent,
@@ -80,13 +103,19 @@ from harness.trace.guest import (
     GuestQiSubmit,
 )
 
-__all__ = ["INVALIDATION", "NVME_SUBMIT", "NVME_COMPLETE", "SyncPair", "SyncPairs", "guest_sync_key",
+__all__ = ["INVALIDATION", "NVME_SUBMIT", "NVME_COMPLETE", "DEV_TLB_INVALIDATION", "VIRTIO_BLK_SUBMIT",
+           "VIRTIO_BLK_COMPLETE", "SyncPair", "SyncPairs", "guest_sync_key",
            "host_sync_key", "host_sync_keys"]
 
 INVALIDATION: Final = "invalidation"
 NVME_SUBMIT: Final = "nvme-submit"
 NVME_COMPLETE: Final = "nvme-complete"
-GUEST_FIRST: Final = frozenset({INVALIDATION, NVME_SUBMIT})
+DEV_TLB_INVALIDATION: Final = "dev-tlb-invalidation"
+VIRTIO_BLK_SUBMIT: Final = "virtio-blk-submit"
+VIRTIO_BLK_COMPLETE: Final = "virtio-blk-complete"
+GUEST_FIRST: Final = frozenset({INVALIDATION, NVME_SUBMIT, DEV_TLB_INVALIDATION, VIRTIO_BLK_SUBMIT})
+NVME_KINDS: Final = frozenset({NVME_SUBMIT, NVME_COMPLETE})
+VIRTIO_KINDS: Final = frozenset({VIRTIO_BLK_SUBMIT, VIRTIO_BLK_COMPLETE})
 
 SyncKey = tuple[str, tuple[int, ...]]
 
@@ -94,6 +123,8 @@ SyncKey = tuple[str, tuple[int, ...]]
 def guest_sync_key(event: GuestEvent, *, nvme: bool = True) -> SyncKey | None:
     """The pair key of a guest event, or None if it is not a sync event."""
     if isinstance(event, GuestQiSubmit):
+        if event.desc_type == "dev_tlb_inv":
+            return DEV_TLB_INVALIDATION, (event.qw0, event.qw1)
         if event.desc_type != "iotlb_inv":
             return None
         gran = event.granularity
@@ -122,6 +153,9 @@ def host_sync_key(event: Event, *, nvme: bool = True) -> SyncKey | None:
         return INVALIDATION, (2, event.domain)
     if kind is InvIotlbGlobal:
         return INVALIDATION, (1,)
+    if kind is VtdInvDesc:
+        assert isinstance(event, VtdInvDesc)
+        return (DEV_TLB_INVALIDATION, (event.low, event.high)) if event.is_device_tlb else None
     if nvme and kind is NvmeIoCmd:
         assert isinstance(event, NvmeIoCmd)
         return NVME_SUBMIT, (event.sqid, event.cid)
@@ -134,8 +168,12 @@ def host_sync_key(event: Event, *, nvme: bool = True) -> SyncKey | None:
     return None
 
 
-def host_sync_keys(events: Iterable[Event], *, nvme: bool = True) -> Iterator[tuple[int, SyncKey]]:
+def host_sync_keys(events: Iterable[Event], *, nvme: bool = True,
+                   virtio: bool = True) -> Iterator[tuple[int, SyncKey]]:
     """``(lineno, key)`` of QEMU's sync events, in trace order.
+
+    With ``virtio``, virtio-blk read and write requests are keyed by their
+    element's source id, direction and bytes (:mod:`harness.checks.virtio_blk`).
 
     NVMe events count only once the guest kernel has turned DMA remapping on
     (``vtd_dmar_enable enable 1``): before that the firmware (SeaBIOS has an
@@ -143,11 +181,19 @@ def host_sync_keys(events: Iterable[Event], *, nvme: bool = True) -> Iterator[tu
     the guest kernel's trace does not have and which would shift the pairing.
     """
     remapping = False
+    elements = VirtioElementTracker() if virtio else None
     for e in events:
         if type(e) is DmarEnable:
             assert isinstance(e, DmarEnable)
             remapping = remapping or e.enable
             continue
+        if elements is not None:
+            req = elements.feed(e)
+            if req is not None:
+                if req.sid is not None and req.nbytes:
+                    kind = VIRTIO_BLK_COMPLETE if type(e) is VirtioBlkReqComplete else VIRTIO_BLK_SUBMIT
+                    yield e.lineno, (kind, (req.sid, int(req.write), req.nbytes))
+                continue
         key = host_sync_key(e, nvme=nvme and remapping)
         if key is not None:
             yield e.lineno, key
@@ -207,6 +253,11 @@ class SyncCounts:
     """QEMU sync events with no guest counterpart (e.g. register-based invalidations at boot)."""
     guest_unpaired_invalidations: int = 0
     host_unpaired_invalidations: int = 0
+    dev_tlb_invalidation_pairs: int = 0
+    """Device-TLB invalidation descriptors paired (ATS)."""
+    virtio_pairs: int = 0
+    """virtio-blk submissions and completions paired."""
+    guest_unpaired_dev_tlb_invalidations: int = 0
 
 
 @dataclass
@@ -228,8 +279,11 @@ class SyncPairs:
 
     @classmethod
     def build(cls, guest: Sequence[GuestEvent], host: Iterable[tuple[int, SyncKey]], *,
-              nvme: bool = True) -> SyncPairs:
-        """``host``: ``(lineno, key)`` of QEMU's sync events in trace order."""
+              nvme: bool = True, virtio: bool = True) -> SyncPairs:
+        """``host``: ``(lineno, key)`` of QEMU's sync events in trace order.
+        ``virtio``: pair virtio-blk requests too (the guest side of a
+        submission is ordered at the request's last map, its origin is the
+        header's map)."""
         queues: dict[SyncKey, list[tuple[int, int]]] = {}  # key -> [(ordering position, event index)]
         guest_total = 0
         for pos, event in enumerate(guest):
@@ -238,6 +292,14 @@ class SyncPairs:
                 at = _doorbell(guest, pos) if key[0] == NVME_SUBMIT else pos
                 queues.setdefault(key, []).append((at, pos))
                 guest_total += 1
+        if virtio:
+            for req in guest_blk_requests(guest):
+                vkey = (req.sid, int(req.write), req.nbytes)
+                queues.setdefault((VIRTIO_BLK_SUBMIT, vkey), []).append((req.last_pos, req.header_pos))
+                guest_total += 1
+                if req.complete_pos is not None:
+                    queues.setdefault((VIRTIO_BLK_COMPLETE, vkey), []).append((req.complete_pos, req.complete_pos))
+                    guest_total += 1
         heads: dict[SyncKey, int] = {}
         pairs: list[SyncPair] = []
         counts = SyncCounts()
@@ -254,13 +316,17 @@ class SyncPairs:
             pairs.append(SyncPair(key[0], key[1], at, lineno, origin))
         counts.pairs = len(pairs)
         counts.invalidation_pairs = sum(1 for p in pairs if p.kind == INVALIDATION)
-        counts.nvme_pairs = counts.pairs - counts.invalidation_pairs
+        counts.nvme_pairs = sum(1 for p in pairs if p.kind in NVME_KINDS)
+        counts.dev_tlb_invalidation_pairs = sum(1 for p in pairs if p.kind == DEV_TLB_INVALIDATION)
+        counts.virtio_pairs = sum(1 for p in pairs if p.kind in VIRTIO_KINDS)
         counts.guest_unpaired = guest_total - counts.pairs
         unpaired: list[tuple[int, SyncKey]] = []
         for key, queue in queues.items():
             rest = queue[heads.get(key, 0):]
             if key[0] == INVALIDATION:
                 counts.guest_unpaired_invalidations += len(rest)
+            elif key[0] == DEV_TLB_INVALIDATION:
+                counts.guest_unpaired_dev_tlb_invalidations += len(rest)
             unpaired.extend((origin, key) for _, origin in rest)
         unpaired.sort()
         self = cls(pairs, counts, unpaired[:64])

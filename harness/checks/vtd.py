@@ -82,6 +82,22 @@ function each comes from:
   checks the permission of a hit later, untraced.)  Other DMA the device
   does before the next trace event would be held to the same direction;
   with Linux guests those are coherent (read/write) queue pages.
+* ``vtd_inv_desc`` of a device-TLB invalidation descriptor (type 3, sent
+  by a guest that enabled ATS on the device, after the IOTLB invalidation of
+  the same range): counted per device (``dev_tlb_invalidations``), never
+  applied to the models.  QEMU 7.2's ``vtd_process_device_iotlb_desc`` only
+  tells ``IOMMU_NOTIFIER_DEVIOTLB_UNMAP`` listeners (vhost's device IOTLB);
+  its own IOTLB is not touched, so a hit after one is no divergence.
+* QEMU 7.2's page invalidation keeps its address mask in a ``uint8_t``
+  (``VTDIOTLBPageInvInfo.mask``, hw/i386/intel_iommu_internal.h; widened to
+  64 bits upstream), so ``vtd_hash_remove_by_page`` also drops every entry of
+  the domain whose frame number agrees with the invalidated one in the 8
+  bits the mask keeps (an iova ``n`` MiB away, for ``am`` 0; every entry for
+  ``am >= 8``).  With ``qemu_mask_quirk`` (default) such entries leave the
+  models but are kept aside: a later walk of them (QEMU 7.2 dropped them) and
+  a hit on them (a QEMU with the fix kept them) are both accepted; the number
+  is counted (``mask_quirk_drops``) and warned about.  A real invalidation
+  of them, or a domain or global one, forgets them.
 * Newer QEMU's PASID-based invalidations (``vtd_inv_desc_iotlb_pasid_pages``,
   ``vtd_inv_desc_iotlb_pasid``; not emitted by 7.2) are applied to the whole
   domain: PASIDs are not modelled.
@@ -154,6 +170,7 @@ from harness.trace.events import (
     NvmeWrite,
     TranslatePassthrough,
     UnknownEvent,
+    VtdInvDesc,
     perm_name,
 )
 from harness.trace.parser import parse_file, parse_lines
@@ -282,6 +299,17 @@ class Counts:
     not_judged: int = 0
     """Hits and translations the checker could not judge because the model's entry
     for them had been dropped by the ``max_live_maps`` guard (never divergences)."""
+    dev_tlb_invalidations: int = 0
+    """Device-TLB invalidation descriptors (``vtd_inv_desc`` type 3, ATS) QEMU processed."""
+    dev_tlb_invalidations_by_sid: str = ""
+    """``sid=count`` of the device-TLB invalidations, per device (PCI source id)."""
+    translations_by_sid: str = ""
+    """``sid=count`` of ``vtd_dmar_translate`` events checked, per device (PCI source id)."""
+    mask_quirk_drops: int = 0
+    """Cached entries a page invalidation of another iova dropped through QEMU 7.2's
+    8-bit invalidation mask (see the module docstring); walks and hits of them were accepted."""
+    mask_quirk_hits: int = 0
+    """Hits on such entries (a QEMU that kept them)."""
 
 
 # --------------------------------------------------------------------------
@@ -307,12 +335,19 @@ class VtdChecker:
         context: int = 8,
         history: int = 32,
         max_live_maps: int = _DEFAULT_MAX_LIVE_MAPS,
+        qemu_mask_quirk: bool = True,
     ) -> None:
         self.max_divergences = max_divergences
         self.context = context
         self.history = history
         self.max_live_maps = max_live_maps
+        self.qemu_mask_quirk = qemu_mask_quirk
         self.counts = Counts()
+        self._by_sid_translations: dict[int, int] = {}
+        self._dev_tlb_by_sid: dict[int, int] = {}
+        # Entries QEMU 7.2's 8-bit page-invalidation mask may have dropped: (sid, domain) -> maps.
+        self._maybe: dict[tuple[int, int], IOTLB] = {}
+        self._maybe_maps = 0
         self._models: dict[tuple[int, int], IOTLB] = {}
         self._by_domain: dict[int, dict[int, IOTLB]] = {}  # domain -> sid -> model
         self._by_sid: dict[int, dict[int, IOTLB]] = {}  # sid -> domain -> model
@@ -353,6 +388,7 @@ class VtdChecker:
             InvContextGlobal: self._on_cc_global,
             DmarFault: self._on_fault,
             DmarEnable: self._on_dmar_enable,
+            VtdInvDesc: self._on_inv_desc,
             NvmeRead: self._on_nvme_read,
             NvmeWrite: self._on_nvme_write,
             NvmeMapPrp: self._on_nvme_prp,
@@ -400,6 +436,8 @@ class VtdChecker:
         self._pending.clear()
         self._voids.clear()
         c.dma_requests = self._window.requests
+        c.translations_by_sid = " ".join(f"{sid:#06x}={n}" for sid, n in sorted(self._by_sid_translations.items()))
+        c.dev_tlb_invalidations_by_sid = " ".join(f"{sid:#06x}={n}" for sid, n in sorted(self._dev_tlb_by_sid.items()))
         self._verdict = self._log.report(CHECKER, c, warnings=self._warnings(),
                                          inconclusive=self._inconclusive(), title=TITLE)
         return self._verdict
@@ -416,6 +454,8 @@ class VtdChecker:
         return model
 
     def _drop_all(self) -> None:
+        self._maybe.clear()
+        self._maybe_maps = 0
         self._models.clear()
         self._by_domain.clear()
         self._by_sid.clear()
@@ -469,6 +509,8 @@ class VtdChecker:
         return ghost is not None and ghost.first(iova, iova) is not None
 
     def _drop_domain(self, domain: int) -> None:
+        for key in [k for k in self._maybe if k[1] == domain]:
+            self._maybe_maps -= len(self._maybe.pop(key))
         if self._ghosts:
             for key in [k for k in self._ghosts if k[1] == domain]:
                 self._ghost_maps -= len(self._ghosts.pop(key))
@@ -530,6 +572,12 @@ class VtdChecker:
                 f"the models exceeded {self.max_live_maps} maps {c.model_overflow_resets} "
                 "times and were dropped (is vtd_iotlb_reset traced?)"
             )
+        if c.mask_quirk_drops:
+            out.append(
+                f"{c.mask_quirk_drops} cached entries were dropped by page invalidations of other iovas "
+                "(QEMU 7.2 keeps the invalidation's address mask in 8 bits, VTDIOTLBPageInvInfo.mask); "
+                f"later walks of them and hits on them ({c.mask_quirk_hits}) were accepted"
+            )
         if c.not_judged:
             out.append(
                 f"{c.not_judged} hits/translations were not judged: their entries had been "
@@ -573,6 +621,10 @@ class VtdChecker:
         self.counts.iotlb_updates += 1
         sid, iova = e.sid, e.iova
         self._sid_domain[sid] = e.domain
+        if self._maybe:  # a walk of an entry QEMU 7.2's 8-bit mask dropped: as it should
+            maybe = self._maybe.get((sid, e.domain))
+            if maybe is not None:
+                self._maybe_maps -= len(maybe.del_range(iova, iova))
         per_sid = self._by_sid.get(sid)
         if per_sid:
             for domain, model in per_sid.items():
@@ -622,6 +674,8 @@ class VtdChecker:
         model = self._models.get((sid, domain))
         m = model.first(iova, iova) if model is not None else None
         where = f"{_sid_text(sid)} domain {domain:#x} iova {iova:#x}"
+        if m is None and self._maybe:
+            m = self._revive(sid, domain, e)
         if m is None:
             if self._pending_walk_matches(sid, e):
                 pass
@@ -737,6 +791,7 @@ class VtdChecker:
         c = self.counts
         c.translations += 1
         sid, iova, gpa, mask = e.sid, e.iova, e.gpa, e.mask
+        self._by_sid_translations[sid] = self._by_sid_translations.get(sid, 0) + 1
         p = self._take_pending(sid, iova, mask)
         kind = type(p)
         if kind is TranslatePassthrough or (p is None and self._dmar_enabled is False):
@@ -871,16 +926,66 @@ class VtdChecker:
         self._unghost(domain, start, last)
         if self._pending:
             self._void_walks(domain, start, last)
+        if self._maybe:
+            for (m_sid, m_domain), maybe in self._maybe.items():
+                if m_domain == domain:
+                    self._maybe_maps -= len(maybe.del_range(start, last))
         models = self._by_domain.get(domain)
         if models:
-            for model in models.values():
+            for sid, model in models.items():
                 removed = model.del_range(start, last)
                 if removed:
                     self._live -= len(removed)
                     for m in removed:
                         if m.start < start or m.last > last:
                             self._record_inv(domain, m.start, m.last, e)
+                if self.qemu_mask_quirk and type(e) is InvIotlbPages:
+                    self._mask_quirk(sid, domain, model, e)
         self._record_inv(domain, start, last, e)
+
+    def _mask_quirk(self, sid: int, domain: int, model: IOTLB, e: InvIotlbPages) -> None:
+        """Move the maps of ``model`` QEMU 7.2's ``vtd_hash_remove_by_page`` also
+        drops (``(gfn & mask8) == (addr >> 12) & mask8``, ``mask8`` the low 8
+        bits of ``~(2**am - 1)``) to the maybe-dropped set (module docstring)."""
+        mask8 = ~((1 << e.am) - 1) & 0xFF
+        gfn8 = (e.addr >> 12) & mask8
+        hit = [m for m in model if ((m.start >> 12) & mask8) == gfn8]
+        if not hit:
+            return
+        maybe = self._maybe.get((sid, domain))
+        if maybe is None:
+            maybe = self._maybe[(sid, domain)] = IOTLB()
+        if self._maybe_maps + len(hit) > self.max_live_maps:  # bound memory: forget the oldest set
+            self._maybe.clear()
+            self._maybe_maps = 0
+            maybe = self._maybe[(sid, domain)] = IOTLB()
+        for m in hit:
+            model.del_range(m.start, m.last)
+            self._live -= 1
+            maybe.add_range(m.start, m.last, m.addr, m.perm, m.opaque)
+            self._maybe_maps += 1
+            self.counts.mask_quirk_drops += 1
+
+    def _revive(self, sid: int, domain: int, e: IotlbPageHit) -> IOTLBMap | None:
+        """A hit on an entry the 8-bit mask may have dropped (a QEMU that kept it):
+        back into the model, returned; None if there is no such entry."""
+        maybe = self._maybe.get((sid, domain))
+        m = maybe.first(e.iova, e.iova) if maybe is not None else None
+        if maybe is None or m is None:
+            return None
+        maybe.del_range(m.start, m.last)
+        self._maybe_maps -= 1
+        self._model(sid, domain).add_range(m.start, m.last, m.addr, m.perm, m.opaque)
+        self._live += 1
+        self.counts.mask_quirk_hits += 1
+        return self._model(sid, domain).first(e.iova, e.iova)
+
+    def _on_inv_desc(self, e: VtdInvDesc) -> None:
+        """A descriptor QEMU took off the queue: a device-TLB invalidation is counted
+        per device and never touches the models (module docstring)."""
+        if e.is_device_tlb:
+            self.counts.dev_tlb_invalidations += 1
+            self._dev_tlb_by_sid[e.dev_sid] = self._dev_tlb_by_sid.get(e.dev_sid, 0) + 1
 
     def _on_inv_domain(self, e: InvIotlbDomain | InvIotlbPasid) -> None:
         c = self.counts

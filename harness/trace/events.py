@@ -104,6 +104,43 @@ __all__ = [
     "MalformedEvent",
     "EVENT_CLASSES",
     "TRACE_EVENTS",
+    # virtio-iommu
+    "VIRTIO_IOMMU_MAP_F_READ",
+    "VIRTIO_IOMMU_MAP_F_WRITE",
+    "VIRTIO_IOMMU_MAP_F_MMIO",
+    "u32",
+    "VirtioIommuEvent",
+    "VirtioIommuDeviceReset",
+    "VirtioIommuSystemReset",
+    "VirtioIommuGetConfig",
+    "VirtioIommuSetConfig",
+    "VirtioIommuAttach",
+    "VirtioIommuDetach",
+    "VirtioIommuMap",
+    "VirtioIommuUnmap",
+    "VirtioIommuUnmapDone",
+    "VirtioIommuTranslate",
+    "VirtioIommuTranslateOut",
+    "VirtioIommuReportFault",
+    "VirtioIommuGetDomain",
+    "VirtioIommuPutDomain",
+    "VirtioIommuGetEndpoint",
+    "VirtioIommuPutEndpoint",
+    "VirtioIommuSwitchAddressSpace",
+    "VirtioIommuFillResvProperty",
+    "VIRTIO_IOMMU_EVENT_CLASSES",
+    # virtio-blk, virtio-net and VT-d descriptors
+    "VTD_INV_DESC_DEVICE",
+    "VtdInvDesc",
+    "VirtioEvent",
+    "VirtioQueueNotify",
+    "VirtqueueAllocElement",
+    "VirtqueuePop",
+    "VirtioBlkHandleWrite",
+    "VirtioBlkHandleRead",
+    "VirtioBlkReqComplete",
+    "VirtioBlkRwComplete",
+    "VIRTIO_EVENT_CLASSES",
 ]
 
 PAGE_SHIFT: Final = 12
@@ -796,6 +833,440 @@ class DmaComplete(DmaEvent):
 
 
 # --------------------------------------------------------------------------
+# virtio-iommu (hw/virtio/virtio-iommu.c; formats from hw/virtio/trace-events
+# of QEMU 7.2).  Domain and endpoint ids are uint32_t printed ``%d``: an id
+# of 2**31 or more prints negative (``u32`` gives the id back).  Endpoint ids
+# of PCI devices are source ids (``bus << 8 | devfn``).  Addresses: ``virt_*``
+# and ``addr`` are IO-virtual, ``phys_start`` and the translation's output
+# guest-physical; ``virt_end`` is inclusive.
+# --------------------------------------------------------------------------
+
+VIRTIO_IOMMU_MAP_F_READ: Final = 1
+VIRTIO_IOMMU_MAP_F_WRITE: Final = 2
+VIRTIO_IOMMU_MAP_F_MMIO: Final = 4
+"""``flags`` bits of a MAP request (include/standard-headers/linux/virtio_iommu.h)."""
+
+
+def u32(value: int) -> int:
+    """A ``uint32_t`` printed with ``%d`` (domain and endpoint ids) as its unsigned value."""
+    return value & 0xFFFFFFFF
+
+
+@dataclass(frozen=True, slots=True)
+class VirtioIommuEvent(Event):
+    """Base of the virtio-iommu (``virtio_iommu_*``) events."""
+
+
+@dataclass(frozen=True, slots=True)
+class VirtioIommuDeviceReset(VirtioIommuEvent):
+    """``virtio_iommu_device_reset``: the virtio device was reset (driver or system):
+    QEMU drops every domain and endpoint (``virtio_iommu_device_reset``)."""
+
+    NAME: ClassVar[str] = "virtio_iommu_device_reset"
+    FORMAT: ClassVar[str | None] = r"reset!"
+
+
+@dataclass(frozen=True, slots=True)
+class VirtioIommuSystemReset(VirtioIommuEvent):
+    """``virtio_iommu_system_reset``: machine reset; ``config.bypass`` goes back to
+    the ``boot-bypass`` property."""
+
+    NAME: ClassVar[str] = "virtio_iommu_system_reset"
+    FORMAT: ClassVar[str | None] = r"system reset!"
+
+
+@dataclass(frozen=True, slots=True)
+class VirtioIommuGetConfig(VirtioIommuEvent):
+    """``virtio_iommu_get_config``: the driver read the config space; ``bypass`` is
+    the global bypass bit (VIRTIO_IOMMU_F_BYPASS_CONFIG)."""
+
+    NAME: ClassVar[str] = "virtio_iommu_get_config"
+    FORMAT: ClassVar[str | None] = (
+        r"page_size_mask=0x{page_size_mask} input range start=0x{input_start} input range end=0x{input_end} "
+        r"domain range start={domain_start} domain range end={domain_end} probe_size=0x{probe_size} "
+        r"bypass=0x{bypass}"
+    )
+    page_size_mask: X64
+    input_start: X64
+    input_end: X64
+    domain_start: S32
+    domain_end: S32
+    probe_size: X32
+    bypass: X8
+
+
+@dataclass(frozen=True, slots=True)
+class VirtioIommuSetConfig(VirtioIommuEvent):
+    """``virtio_iommu_set_config``: the driver wrote the bypass bit."""
+
+    NAME: ClassVar[str] = "virtio_iommu_set_config"
+    FORMAT: ClassVar[str | None] = r"bypass=0x{bypass}"
+    bypass: X8
+
+
+@dataclass(frozen=True, slots=True)
+class _DomainEndpointEvent(VirtioIommuEvent):
+    FORMAT: ClassVar[str | None] = r"domain={domain} endpoint={endpoint}"
+    domain: S32
+    endpoint: S32
+
+
+@dataclass(frozen=True, slots=True)
+class VirtioIommuAttach(_DomainEndpointEvent):
+    """``virtio_iommu_attach``: an ATTACH request, traced on arrival (before QEMU
+    checks its flags or the endpoint)."""
+
+    NAME: ClassVar[str] = "virtio_iommu_attach"
+
+
+@dataclass(frozen=True, slots=True)
+class VirtioIommuDetach(_DomainEndpointEvent):
+    """``virtio_iommu_detach``: a DETACH request, traced on arrival."""
+
+    NAME: ClassVar[str] = "virtio_iommu_detach"
+
+
+@dataclass(frozen=True, slots=True)
+class VirtioIommuMap(VirtioIommuEvent):
+    """``virtio_iommu_map``: a MAP request QEMU accepted: traced only after the
+    flags, the domain and the overlap checks passed, just before the mapping
+    ``[virt_start, virt_end] -> phys_start`` is inserted (``virtio_iommu_map``)."""
+
+    NAME: ClassVar[str] = "virtio_iommu_map"
+    FORMAT: ClassVar[str | None] = (
+        r"domain={domain} virt_start=0x{virt_start} virt_end=0x{virt_end} phys_start=0x{phys_start} flags={flags}"
+    )
+    domain: S32
+    virt_start: X64
+    virt_end: X64
+    phys_start: X64
+    flags: S32
+
+
+@dataclass(frozen=True, slots=True)
+class VirtioIommuUnmap(VirtioIommuEvent):
+    """``virtio_iommu_unmap``: an UNMAP request of ``[virt_start, virt_end]``,
+    traced on arrival (before the domain check)."""
+
+    NAME: ClassVar[str] = "virtio_iommu_unmap"
+    FORMAT: ClassVar[str | None] = r"domain={domain} virt_start=0x{virt_start} virt_end=0x{virt_end}"
+    domain: S32
+    virt_start: X64
+    virt_end: X64
+
+
+@dataclass(frozen=True, slots=True)
+class VirtioIommuUnmapDone(VirtioIommuUnmap):
+    """``virtio_iommu_unmap_done``: one whole mapping ``[virt_start, virt_end]``
+    removed by the UNMAP request just traced."""
+
+    NAME: ClassVar[str] = "virtio_iommu_unmap_done"
+
+
+@dataclass(frozen=True, slots=True)
+class VirtioIommuTranslate(VirtioIommuEvent):
+    """``virtio_iommu_translate``: a device access to ``addr`` (unaligned iova)
+    by requester ``rid`` with access ``flag`` (IOMMUAccessFlags: 1 read, 2 write,
+    3 both); traced before any lookup, for every outcome."""
+
+    NAME: ClassVar[str] = "virtio_iommu_translate"
+    FORMAT: ClassVar[str | None] = r"mr={mr} rid={rid} addr=0x{addr} flag={flag}"
+    mr: Text
+    rid: S32
+    addr: X64
+    flag: U8
+
+
+@dataclass(frozen=True, slots=True)
+class VirtioIommuTranslateOut(VirtioIommuEvent):
+    """``virtio_iommu_translate_out``: the access of the translate event just
+    before it was translated through a mapping: ``addr`` (iova) -> ``gpa``
+    (both unaligned).  Not traced for bypass, reserved regions or faults."""
+
+    NAME: ClassVar[str] = "virtio_iommu_translate_out"
+    FORMAT: ClassVar[str | None] = r"0x{addr} -> 0x{gpa} for sid={sid}"
+    addr: X64
+    gpa: X64
+    sid: S32
+
+
+@dataclass(frozen=True, slots=True)
+class VirtioIommuReportFault(VirtioIommuEvent):
+    """``virtio_iommu_report_fault``: a fault written to the event queue
+    (``reason``: 1 unknown endpoint, 2 domain, 3 mapping; ``flags``: 1 read,
+    2 write, 4 exec, 0x100 address valid).  A fault with no event buffer free
+    is not traced."""
+
+    NAME: ClassVar[str] = "virtio_iommu_report_fault"
+    FORMAT: ClassVar[str | None] = r"FAULT reason={reason} flags={flags} endpoint={endpoint} address =0x{address}"
+    reason: S32
+    flags: S32
+    endpoint: S32
+    address: X64
+
+
+@dataclass(frozen=True, slots=True)
+class VirtioIommuGetDomain(VirtioIommuEvent):
+    """``virtio_iommu_get_domain``: a domain created by an ATTACH."""
+
+    NAME: ClassVar[str] = "virtio_iommu_get_domain"
+    FORMAT: ClassVar[str | None] = r"Alloc domain={domain}"
+    domain: S32
+
+
+@dataclass(frozen=True, slots=True)
+class VirtioIommuPutDomain(VirtioIommuEvent):
+    """``virtio_iommu_put_domain``: a domain freed (its last endpoint detached, or reset)."""
+
+    NAME: ClassVar[str] = "virtio_iommu_put_domain"
+    FORMAT: ClassVar[str | None] = r"Free domain={domain}"
+    domain: S32
+
+
+@dataclass(frozen=True, slots=True)
+class VirtioIommuGetEndpoint(VirtioIommuEvent):
+    NAME: ClassVar[str] = "virtio_iommu_get_endpoint"
+    FORMAT: ClassVar[str | None] = r"Alloc endpoint={endpoint}"
+    endpoint: S32
+
+
+@dataclass(frozen=True, slots=True)
+class VirtioIommuPutEndpoint(VirtioIommuEvent):
+    NAME: ClassVar[str] = "virtio_iommu_put_endpoint"
+    FORMAT: ClassVar[str | None] = r"Free endpoint={endpoint}"
+    endpoint: S32
+
+
+@dataclass(frozen=True, slots=True)
+class VirtioIommuSwitchAddressSpace(VirtioIommuEvent):
+    """``virtio_iommu_switch_address_space``: device ``bus:slot.func`` now
+    translates (``enabled``) or bypasses."""
+
+    NAME: ClassVar[str] = "virtio_iommu_switch_address_space"
+    FORMAT: ClassVar[str | None] = (
+        r"Device {bus}:{slot}\.{func} switching address space \(iommu enabled={enabled}\)"
+    )
+    bus: X8
+    slot: X5
+    func: X3
+    enabled: Flag
+
+    @property
+    def sid(self) -> int:
+        return (self.bus << 8) | (self.slot << 3) | self.func
+
+
+@dataclass(frozen=True, slots=True)
+class VirtioIommuFillResvProperty(VirtioIommuEvent):
+    """``virtio_iommu_fill_resv_property``: a reserved region reported to the driver
+    in a PROBE reply for endpoint ``dev`` (``type`` 0 reserved, 1 MSI bypass),
+    ``[start, end]`` inclusive."""
+
+    NAME: ClassVar[str] = "virtio_iommu_fill_resv_property"
+    FORMAT: ClassVar[str | None] = r"dev= {dev}, type={type} start=0x{start} end=0x{end}"
+    dev: S32
+    type: S32
+    start: X64
+    end: X64
+
+
+VIRTIO_IOMMU_EVENT_CLASSES: Final[tuple[type[Event], ...]] = (
+    VirtioIommuDeviceReset,
+    VirtioIommuSystemReset,
+    VirtioIommuGetConfig,
+    VirtioIommuSetConfig,
+    VirtioIommuAttach,
+    VirtioIommuDetach,
+    VirtioIommuMap,
+    VirtioIommuUnmap,
+    VirtioIommuUnmapDone,
+    VirtioIommuTranslate,
+    VirtioIommuTranslateOut,
+    VirtioIommuReportFault,
+    VirtioIommuGetDomain,
+    VirtioIommuPutDomain,
+    VirtioIommuGetEndpoint,
+    VirtioIommuPutEndpoint,
+    VirtioIommuSwitchAddressSpace,
+    VirtioIommuFillResvProperty,
+)
+"""The virtio-iommu events the harness enables and parses."""
+
+
+# --------------------------------------------------------------------------
+# virtio devices (hw/virtio/virtio.c, hw/block/virtio-blk.c; formats from
+# hw/virtio/trace-events and hw/block/trace-events of QEMU 7.2) and the VT-d
+# invalidation descriptor event (hw/i386/intel_iommu.c vtd_process_inv_desc).
+# Pointers (``vdev``, ``vq``, ``elem``, ``req``) identify objects within one
+# run: a VirtIOBlockReq starts with its VirtQueueElement, so a virtio-blk
+# ``req`` is the ``elem`` its ``virtqueue_pop`` returned.
+# --------------------------------------------------------------------------
+
+VTD_INV_DESC_DEVICE: Final = 0x3
+"""Type of a device-TLB invalidation descriptor (``VTD_INV_DESC_DEVICE``,
+hw/i386/intel_iommu_internal.h; ``QI_DIOTLB_TYPE`` in drivers/iommu/intel/iommu.h)."""
+
+
+@dataclass(frozen=True, slots=True)
+class VtdInvDesc(VtdEvent):
+    """``vtd_inv_desc``: QEMU took one descriptor off the invalidation queue
+    (``vtd_process_inv_desc``); ``type`` is QEMU's name for it (``cc``,
+    ``iotlb``, ``wait``, ``iec``, ``device``...), ``high``/``low`` its two
+    quadwords (qw1, qw0), traced before the descriptor is processed.
+
+    A device-TLB invalidation (``type`` ``device``, ``low & 0xf`` = 3) asks
+    the *device's* ATS translation cache to drop ``[dev_start, dev_last]``
+    for source id ``dev_sid``; QEMU 7.2 (``vtd_process_device_iotlb_desc``)
+    only notifies ``IOMMU_NOTIFIER_DEVIOTLB_UNMAP`` listeners (vhost): its own
+    IOTLB is not touched."""
+
+    NAME: ClassVar[str] = "vtd_inv_desc"
+    FORMAT: ClassVar[str | None] = r"invalidate desc type {type} high 0x{high} low 0x{low}"
+    type: Text
+    high: X64
+    low: X64
+
+    @property
+    def desc_type(self) -> int:
+        """Descriptor type, ``low & 0xf`` (3: device-TLB)."""
+        return self.low & 0xF
+
+    @property
+    def is_device_tlb(self) -> bool:
+        return self.desc_type == VTD_INV_DESC_DEVICE
+
+    @property
+    def dev_sid(self) -> int:
+        """Device-TLB descriptor: the source id of the device, ``low`` bits 47:32."""
+        return (self.low >> 32) & 0xFFFF
+
+    @property
+    def dev_start(self) -> int:
+        """Device-TLB descriptor: first IO-virtual byte of the range.  With the
+        size bit (``high`` bit 0) the range is ``8 KiB << (trailing ones of
+        addr >> 12)``, naturally aligned (QEMU's ``vtd_process_device_iotlb_desc``)."""
+        return self.high & ~(self.dev_size - 1) & ~0xFFF
+
+    @property
+    def dev_size(self) -> int:
+        """Device-TLB descriptor: bytes covered (4 KiB without the size bit)."""
+        if not self.high & 1:
+            return PAGE_SIZE
+        ones = 0
+        frame = self.high >> PAGE_SHIFT
+        while frame & 1 and ones < 52:
+            ones += 1
+            frame >>= 1
+        return (PAGE_SIZE * 2) << ones
+
+    @property
+    def dev_last(self) -> int:
+        return self.dev_start + self.dev_size - 1
+
+
+@dataclass(frozen=True, slots=True)
+class VirtioEvent(Event):
+    """Base of the virtio core and virtio-blk events."""
+
+
+@dataclass(frozen=True, slots=True)
+class VirtioQueueNotify(VirtioEvent):
+    """``virtio_queue_notify``: the guest kicked queue ``n`` (``virtio_queue_notify``)."""
+
+    NAME: ClassVar[str] = "virtio_queue_notify"
+    FORMAT: ClassVar[str | None] = r"vdev {vdev} n {n} vq {vq}"
+    vdev: Ptr
+    n: S32
+    vq: Ptr
+
+
+@dataclass(frozen=True, slots=True)
+class VirtqueueAllocElement(VirtioEvent):
+    """``virtqueue_alloc_element``: ``virtqueue_split_pop`` / ``_packed_pop`` read
+    every descriptor of a chain and mapped its buffers (``virtqueue_map_desc``:
+    ``dma_memory_map``, one IOMMU translation a page) before this event."""
+
+    NAME: ClassVar[str] = "virtqueue_alloc_element"
+    FORMAT: ClassVar[str | None] = r"elem {elem} size {size} in_num {in_num} out_num {out_num}"
+    elem: Ptr
+    size: S64
+    in_num: U32
+    out_num: U32
+
+
+@dataclass(frozen=True, slots=True)
+class VirtqueuePop(VirtioEvent):
+    """``virtqueue_pop``: the element is handed to the device model."""
+
+    NAME: ClassVar[str] = "virtqueue_pop"
+    FORMAT: ClassVar[str | None] = r"vq {vq} elem {elem} in_num {in_num} out_num {out_num}"
+    vq: Ptr
+    elem: Ptr
+    in_num: U32
+    out_num: U32
+
+
+@dataclass(frozen=True, slots=True)
+class _VirtioBlkRw(VirtioEvent):
+    FORMAT: ClassVar[str | None] = r"vdev {vdev} req {req} sector {sector} nsectors {nsectors}"
+    vdev: Ptr
+    req: Ptr
+    sector: U64
+    """First 512-byte sector on the disk."""
+    nsectors: U64
+    """Length in 512-byte sectors (the request's data bytes / 512)."""
+
+
+@dataclass(frozen=True, slots=True)
+class VirtioBlkHandleWrite(_VirtioBlkRw):
+    """``virtio_blk_handle_write``: a VIRTIO_BLK_T_OUT request (the device reads guest memory)."""
+
+    NAME: ClassVar[str] = "virtio_blk_handle_write"
+
+
+@dataclass(frozen=True, slots=True)
+class VirtioBlkHandleRead(_VirtioBlkRw):
+    """``virtio_blk_handle_read``: a VIRTIO_BLK_T_IN request (the device writes guest memory)."""
+
+    NAME: ClassVar[str] = "virtio_blk_handle_read"
+
+
+@dataclass(frozen=True, slots=True)
+class VirtioBlkReqComplete(VirtioEvent):
+    """``virtio_blk_req_complete``: the request's status is written and the element pushed."""
+
+    NAME: ClassVar[str] = "virtio_blk_req_complete"
+    FORMAT: ClassVar[str | None] = r"vdev {vdev} req {req} status {status}"
+    vdev: Ptr
+    req: Ptr
+    status: S32
+
+
+@dataclass(frozen=True, slots=True)
+class VirtioBlkRwComplete(VirtioEvent):
+    """``virtio_blk_rw_complete``: the block layer finished the request (``ret`` 0 or -errno)."""
+
+    NAME: ClassVar[str] = "virtio_blk_rw_complete"
+    FORMAT: ClassVar[str | None] = r"vdev {vdev} req {req} ret {ret}"
+    vdev: Ptr
+    req: Ptr
+    ret: S32
+
+
+VIRTIO_EVENT_CLASSES: Final[tuple[type[Event], ...]] = (
+    VtdInvDesc,
+    VirtioQueueNotify,
+    VirtqueueAllocElement,
+    VirtqueuePop,
+    VirtioBlkHandleWrite,
+    VirtioBlkHandleRead,
+    VirtioBlkReqComplete,
+    VirtioBlkRwComplete,
+)
+"""The virtio and VT-d descriptor events the virtio checks read."""
+
+
+# --------------------------------------------------------------------------
 # Lines the parser could not type
 # --------------------------------------------------------------------------
 
@@ -876,6 +1347,8 @@ EVENT_CLASSES: Final[tuple[type[Event], ...]] = (
     DmaBlkIo,
     DmaBlkCb,
     DmaComplete,
+    *VIRTIO_IOMMU_EVENT_CLASSES,
+    *VIRTIO_EVENT_CLASSES,
 )
 """Every event class with a fixed trace name and ``FORMAT`` (not the catch-alls)."""
 

@@ -8,3 +8,8 @@ from harness.vm.spec import MachineSpec
 
 __all__ = ["VM", "BootImages", "Device", "IntelIommu", "MachineSpec", "NvmeController", "NvmeNamespace",
            "find_qemu"]
+
+# virtio-blk and virtio-net behind the IOMMU (harness/vm/virtio.py)
+from harness.vm.virtio import VirtioBlk, VirtioNet  # noqa: E402
+
+__all__ += ["VirtioBlk", "VirtioNet"]

@@ -183,5 +183,17 @@ class NvmeController(Device):
 
 
 DEVICE_KINDS: dict[str, type[Device]] = {cls.kind: cls for cls in (IntelIommu, NvmeController)}
-IOMMU_KINDS = (IntelIommu,)
+IOMMU_KINDS: tuple[type[Device], ...] = (IntelIommu,)
 
+
+# virtio-iommu (harness/vm/virtio_iommu.py): registered here, after the classes above.
+from harness.vm.virtio_iommu import VirtioIommu  # noqa: E402
+
+DEVICE_KINDS[VirtioIommu.kind] = VirtioIommu
+IOMMU_KINDS = (*IOMMU_KINDS, VirtioIommu)
+
+# virtio-blk and virtio-net (harness/vm/virtio.py): registered here, after the classes above.
+from harness.vm.virtio import VirtioBlk, VirtioNet  # noqa: E402
+
+DEVICE_KINDS[VirtioBlk.kind] = VirtioBlk
+DEVICE_KINDS[VirtioNet.kind] = VirtioNet

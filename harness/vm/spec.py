@@ -65,6 +65,9 @@ class MachineSpec:
             raise DeviceConfigError(f"duplicate device ids: {ids}", key="devices")
         if "\n" in self.cmdline:
             raise DeviceConfigError("cmdline must be one line", key="cmdline")
+        # What virtio devices need from the rest of the machine (ats -> intel-iommu device_iotlb).
+        from harness.vm.virtio import check_machine as _check_virtio
+        _check_virtio(self)
 
     def replace(self, **changes: Any) -> MachineSpec:
         return dataclasses.replace(self, **changes)
