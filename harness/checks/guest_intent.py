@@ -175,7 +175,7 @@ class GuestIntentCounts:
     viommu_unmap_pairs: int = 0
     """virtio-iommu: guest ``iommu:unmap`` events paired with the UNMAP request QEMU received."""
     viommu_unmaps_done: int = 0
-    """virtio-iommu: guest unmapped ranges QEMU removed (``virtio_iommu_unmap_done``): dead from there on."""
+    """virtio-iommu: guest unmapped ranges QEMU removed whole (``virtio_iommu_unmap_done``): dead from there on."""
     guest_lost_events: int = 0
     guest_malformed_lines: int = 0
 
@@ -212,6 +212,7 @@ class GuestIntentChecker:
         self._pt_pending: dict[int, int] = {}  # sid -> iova of a vtd_translate_pt awaiting its translate
         self._vi_access: dict[int, int] = {}  # sid -> access flag of the virtio_iommu_translate awaiting its outcome
         self._vi_unmap: int | None = None  # guest position of the unmap the current UNMAP request carries
+        self._vi_removed: list[tuple[int, int]] = []  # what QEMU removed for it so far
         self._by_sid: dict[int, int] = {}
         self._dmar_enabled: bool | None = None
         self._malformed_vtd = 0
@@ -239,6 +240,7 @@ class GuestIntentChecker:
         elif kind is VirtioIommuUnmap:
             sync = self._sync
             self._vi_unmap = sync.unmap_origin.get(event.lineno) if isinstance(sync, VirtioIommuSync) else None
+            self._vi_removed = []
         elif kind is VirtioIommuUnmapDone:
             assert isinstance(event, VirtioIommuUnmapDone)
             self._on_unmap_done(event)
@@ -283,7 +285,8 @@ class GuestIntentChecker:
         if pos is None or not self._guest:
             return
         self._state.advance(max(self._sync.lower(e.lineno), pos))
-        self.counts.viommu_unmaps_done += self._state.flush_unmap(pos, e.virt_start, e.virt_end)
+        self._vi_removed.append((e.virt_start, e.virt_end))
+        self.counts.viommu_unmaps_done += self._state.flush_unmap(pos, self._vi_removed)
 
     def _judge(self, e: DmarTranslate | VirtioIommuTranslateOut, sid: int, iova: int, gpa: int, need: int) -> None:
         """The rule of the module docstring for a translation of ``sid``: ``iova`` ->

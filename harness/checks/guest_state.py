@@ -142,6 +142,18 @@ def resolve_ops(guest: Sequence[GuestEvent]) -> tuple[list[GuestOp], int, int]:
     return ops, lost_maps, lost_unmaps
 
 
+def _covered(spans: Sequence[tuple[int, int]], first: int, last: int) -> bool:
+    """Whether sorted ``(first, last)`` ``spans`` cover ``[first, last]`` with no hole."""
+    at = first
+    for lo, hi in spans:
+        if lo > at:
+            break
+        at = max(at, hi + 1)
+        if at > last:
+            return True
+    return at > last
+
+
 @dataclass(frozen=True, slots=True)
 class DeadMapping:
     """A mapping the guest unmapped: ``unmap`` is the guest event; ``flushed``
@@ -275,17 +287,20 @@ class GuestState:
         if len(dead) > 4096:  # bound memory: forget the oldest flushed ones
             self.dead[op.sid] = [d for d in dead if d.flushed is None] + [d for d in dead if d.flushed][-1024:]
 
-    def flush_unmap(self, pos: int, start: int, last: int) -> int:
-        """Mark dead the ranges inside ``[start, last]`` that the guest's unmap at
-        position ``pos`` removed: a vIOMMU without an IOTLB to invalidate
+    def flush_unmap(self, pos: int, removed: Sequence[tuple[int, int]]) -> int:
+        """Mark dead the ranges the guest's unmap at position ``pos`` removed that
+        lie wholly inside the union of ``removed`` (``(first, last)`` byte ranges
+        the vIOMMU removed for it): a vIOMMU without an IOTLB to invalidate
         (virtio-iommu) stops translating them once its UNMAP request removed
-        them (QEMU's ``virtio_iommu_unmap_done``).  Call after :meth:`advance`
-        past ``pos``.  Returns how many ranges were marked."""
+        them (QEMU's ``virtio_iommu_unmap_done``, one per mapping, and one guest
+        range can span several).  Call after :meth:`advance` past ``pos``.
+        Returns how many ranges were marked."""
         event = self._guest[pos] if 0 <= pos < len(self._guest) else None
+        spans = sorted(removed)
         marked = 0
         for dead in self.dead.values():
             for i, d in enumerate(dead):
-                if d.flushed is None and d.unmap is event and start <= d.iova and d.last <= last:
+                if d.flushed is None and d.unmap is event and _covered(spans, d.iova, d.last):
                     dead[i] = DeadMapping(d.iova, d.last, d.paddr, d.prot, d.unmap, pos)
                     marked += 1
         return marked
