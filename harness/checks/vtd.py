@@ -93,11 +93,13 @@ function each comes from:
   64 bits upstream), so ``vtd_hash_remove_by_page`` also drops every entry of
   the domain whose frame number agrees with the invalidated one in the 8
   bits the mask keeps (an iova ``n`` MiB away, for ``am`` 0; every entry for
-  ``am >= 8``).  With ``qemu_mask_quirk`` (default) such entries leave the
-  models but are kept aside: a later walk of them (QEMU 7.2 dropped them) and
-  a hit on them (a QEMU with the fix kept them) are both accepted; the number
-  is counted (``mask_quirk_drops``) and warned about.  A real invalidation
-  of them, or a domain or global one, forgets them.
+  ``am >= 8``).  With ``qemu_mask_quirk`` (default) such entries stay in the
+  models (a QEMU with the fix keeps them, and hits them) but are marked: a
+  later walk that agrees with one is not an ``unexpected-miss`` (QEMU 7.2
+  dropped it); the marks are counted (``mask_quirk_drops``, and the walks
+  they excused, ``mask_quirk_walks``) and warned about.  A walk that
+  disagrees is still a ``stale-entry``.  A real invalidation of a marked
+  entry, or a domain or global one, clears its mark.
 * Newer QEMU's PASID-based invalidations (``vtd_inv_desc_iotlb_pasid_pages``,
   ``vtd_inv_desc_iotlb_pasid``; not emitted by 7.2) are applied to the whole
   domain: PASIDs are not modelled.
@@ -306,10 +308,10 @@ class Counts:
     translations_by_sid: str = ""
     """``sid=count`` of ``vtd_dmar_translate`` events checked, per device (PCI source id)."""
     mask_quirk_drops: int = 0
-    """Cached entries a page invalidation of another iova dropped through QEMU 7.2's
-    8-bit invalidation mask (see the module docstring); walks and hits of them were accepted."""
-    mask_quirk_hits: int = 0
-    """Hits on such entries (a QEMU that kept them)."""
+    """Cached entries a page invalidation of another iova may have dropped through QEMU
+    7.2's 8-bit invalidation mask (see the module docstring)."""
+    mask_quirk_walks: int = 0
+    """Walks of such entries that agreed with them: not divergences."""
 
 
 # --------------------------------------------------------------------------
@@ -572,11 +574,11 @@ class VtdChecker:
                 f"the models exceeded {self.max_live_maps} maps {c.model_overflow_resets} "
                 "times and were dropped (is vtd_iotlb_reset traced?)"
             )
-        if c.mask_quirk_drops:
+        if c.mask_quirk_walks:
             out.append(
-                f"{c.mask_quirk_drops} cached entries were dropped by page invalidations of other iovas "
-                "(QEMU 7.2 keeps the invalidation's address mask in 8 bits, VTDIOTLBPageInvInfo.mask); "
-                f"later walks of them and hits on them ({c.mask_quirk_hits}) were accepted"
+                f"{c.mask_quirk_drops} cached entries may have been dropped by page invalidations of other "
+                "iovas (QEMU 7.2 keeps the invalidation's address mask in 8 bits, VTDIOTLBPageInvInfo.mask); "
+                f"{c.mask_quirk_walks} walks of them were not counted as unexpected misses"
             )
         if c.not_judged:
             out.append(
@@ -621,10 +623,13 @@ class VtdChecker:
         self.counts.iotlb_updates += 1
         sid, iova = e.sid, e.iova
         self._sid_domain[sid] = e.domain
+        quirk = False
         if self._maybe:  # a walk of an entry QEMU 7.2's 8-bit mask dropped: as it should
             maybe = self._maybe.get((sid, e.domain))
             if maybe is not None:
-                self._maybe_maps -= len(maybe.del_range(iova, iova))
+                dropped = maybe.del_range(iova, iova)
+                self._maybe_maps -= len(dropped)
+                quirk = bool(dropped)
         per_sid = self._by_sid.get(sid)
         if per_sid:
             for domain, model in per_sid.items():
@@ -636,7 +641,9 @@ class VtdChecker:
                 added = f", added at line {origin.lineno}," if origin is not None else ""
                 where = f"{_sid_text(sid)} domain {domain:#x} iova {iova:#x}"
                 walk = f"gpa {e.gpa:#x} {perm_name(e.perm)} (domain {e.domain:#x})"
-                if self._walk_agrees(m, iova, e.slpte):
+                if quirk and domain == e.domain and self._walk_agrees(m, iova, e.slpte):
+                    self.counts.mask_quirk_walks += 1
+                elif self._walk_agrees(m, iova, e.slpte):
                     self._diverge(
                         UNEXPECTED_MISS,
                         e,
@@ -674,8 +681,6 @@ class VtdChecker:
         model = self._models.get((sid, domain))
         m = model.first(iova, iova) if model is not None else None
         where = f"{_sid_text(sid)} domain {domain:#x} iova {iova:#x}"
-        if m is None and self._maybe:
-            m = self._revive(sid, domain, e)
         if m is None:
             if self._pending_walk_matches(sid, e):
                 pass
@@ -944,9 +949,9 @@ class VtdChecker:
         self._record_inv(domain, start, last, e)
 
     def _mask_quirk(self, sid: int, domain: int, model: IOTLB, e: InvIotlbPages) -> None:
-        """Move the maps of ``model`` QEMU 7.2's ``vtd_hash_remove_by_page`` also
+        """Mark the maps of ``model`` QEMU 7.2's ``vtd_hash_remove_by_page`` also
         drops (``(gfn & mask8) == (addr >> 12) & mask8``, ``mask8`` the low 8
-        bits of ``~(2**am - 1)``) to the maybe-dropped set (module docstring)."""
+        bits of ``~(2**am - 1)``) as maybe dropped (module docstring)."""
         mask8 = ~((1 << e.am) - 1) & 0xFF
         gfn8 = (e.addr >> 12) & mask8
         hit = [m for m in model if ((m.start >> 12) & mask8) == gfn8]
@@ -955,30 +960,15 @@ class VtdChecker:
         maybe = self._maybe.get((sid, domain))
         if maybe is None:
             maybe = self._maybe[(sid, domain)] = IOTLB()
-        if self._maybe_maps + len(hit) > self.max_live_maps:  # bound memory: forget the oldest set
+        if self._maybe_maps + len(hit) > self.max_live_maps:  # bound memory: forget the oldest marks
             self._maybe.clear()
             self._maybe_maps = 0
             maybe = self._maybe[(sid, domain)] = IOTLB()
         for m in hit:
-            model.del_range(m.start, m.last)
-            self._live -= 1
-            maybe.add_range(m.start, m.last, m.addr, m.perm, m.opaque)
-            self._maybe_maps += 1
-            self.counts.mask_quirk_drops += 1
-
-    def _revive(self, sid: int, domain: int, e: IotlbPageHit) -> IOTLBMap | None:
-        """A hit on an entry the 8-bit mask may have dropped (a QEMU that kept it):
-        back into the model, returned; None if there is no such entry."""
-        maybe = self._maybe.get((sid, domain))
-        m = maybe.first(e.iova, e.iova) if maybe is not None else None
-        if maybe is None or m is None:
-            return None
-        maybe.del_range(m.start, m.last)
-        self._maybe_maps -= 1
-        self._model(sid, domain).add_range(m.start, m.last, m.addr, m.perm, m.opaque)
-        self._live += 1
-        self.counts.mask_quirk_hits += 1
-        return self._model(sid, domain).first(e.iova, e.iova)
+            if maybe.first(m.start, m.last) is None:
+                maybe.add_range(m.start, m.last, m.addr, m.perm, m.opaque)
+                self._maybe_maps += 1
+                self.counts.mask_quirk_drops += 1
 
     def _on_inv_desc(self, e: VtdInvDesc) -> None:
         """A descriptor QEMU took off the queue: a device-TLB invalidation is counted

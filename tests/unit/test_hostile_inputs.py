@@ -281,7 +281,7 @@ CONFIG_CASES: dict[str, tuple[Case, tuple[str, ...]]] = {
     "two-iommus": config_case(GOOD.replace('[[devices]]\nkind = "nvme"',
                                            '[[devices]]\nkind = "intel-iommu"\n[[devices]]\nkind = "nvme"'),
                               "only one IOMMU"),
-    "device-kind-unknown": config_case(GOOD.replace('kind = "nvme"', 'kind = "virtio-blk"'), "unknown device kind"),
+    "device-kind-unknown": config_case(GOOD.replace('kind = "nvme"', 'kind = "virtio-gpu"'), "unknown device kind"),
     "device-kind-missing": config_case(GOOD.replace('kind = "nvme"\n', ""), "unknown device kind"),
     "devices-not-tables": config_case("devices = [5]\n" + re.sub(r"\[\[devices\]\]\n(?:[^\[\n].*\n)*", "", GOOD),
                                       "devices must be"),
