@@ -53,6 +53,17 @@ from harness.trace.events import (
     slpte_gpa,
     slpte_perm,
 )
+from harness.trace.events import (  # virtio-iommu
+    VIRTIO_IOMMU_EVENT_CLASSES,
+    VirtioIommuAttach,
+    VirtioIommuDetach,
+    VirtioIommuEvent,
+    VirtioIommuMap,
+    VirtioIommuTranslate,
+    VirtioIommuTranslateOut,
+    VirtioIommuUnmap,
+    VirtioIommuUnmapDone,
+)
 from harness.trace.parser import (
     MAX_LINE_CHARS,
     ParseStats,
@@ -112,4 +123,14 @@ __all__ = [
     "slpte_gpa",
     "slpte_perm",
     "write_events_file",
+    # virtio-iommu
+    "VIRTIO_IOMMU_EVENT_CLASSES",
+    "VirtioIommuAttach",
+    "VirtioIommuDetach",
+    "VirtioIommuEvent",
+    "VirtioIommuMap",
+    "VirtioIommuTranslate",
+    "VirtioIommuTranslateOut",
+    "VirtioIommuUnmap",
+    "VirtioIommuUnmapDone",
 ]
