@@ -13,3 +13,8 @@ __all__ = ["VM", "BootImages", "Device", "IntelIommu", "MachineSpec", "NvmeContr
 from harness.vm.virtio import VirtioBlk, VirtioNet  # noqa: E402
 
 __all__ += ["VirtioBlk", "VirtioNet"]
+
+# virtio-iommu, the second vIOMMU (harness/vm/virtio_iommu.py)
+from harness.vm.virtio_iommu import VirtioIommu  # noqa: E402
+
+__all__ += ["VirtioIommu"]
