@@ -28,6 +28,7 @@ tests and self-checks without a VM).
 from __future__ import annotations
 
 import errno as errno_names
+import inspect
 import json
 import re
 import time
@@ -120,6 +121,12 @@ class Target(Protocol):
 
     System side: ``driver()`` (see :class:`Driver`) and ``machine()`` (the guest it
     needs).
+
+    Optional (looked up with getattr, so existing targets need nothing):
+    ``counters(predicted)`` or ``counters(step, predicted)`` -> ``{name: count}``, counts of its own that the
+    summary line adds up over the compared steps (:func:`tally`); and
+    ``driver_for(steps) -> Driver``, used by :class:`AgentExecutor` instead of
+    ``driver()`` when the driver depends on the sequence (a target made of parts).
     """
 
     name: str
@@ -381,7 +388,10 @@ class AgentExecutor:
         return results
 
     def run(self, target: Target, planned: Sequence[Planned]) -> list[Observation]:
-        driver = target.driver()
+        # A target may pick the driver from the sequence's steps (``driver_for(steps)``:
+        # a target made of parts runs each sequence on the driver of its part).
+        driver_for = getattr(target, "driver_for", None)
+        driver: Driver = driver_for([p.step for p in planned]) if driver_for is not None else target.driver()
         observations: list[Observation] = []
         pending: list[tuple[Planned, list[Call]]] = []
         torn_down = False
@@ -436,10 +446,40 @@ class Stats:
     compared: int = 0
     divergent: int = 0
     seconds: float = 0.0
+    counters: dict[str, int] = field(default_factory=dict)
+    """Per-target counts over the steps compared (see :func:`tally`), e.g. ``misses compared``."""
 
     @property
     def ops_per_second(self) -> float:
         return self.operations / self.seconds if self.seconds > 0 else 0.0
+
+
+def target_counters(target: Any) -> Callable[[Step, Observation], Mapping[str, int]] | None:
+    """The target's ``counters`` as a function of (step, predicted), whichever of the
+    two signatures it has; None if it has none."""
+    counters = getattr(target, "counters", None)
+    if counters is None:
+        return None
+    try:
+        takes_step = len(inspect.signature(counters).parameters) >= 2
+    except (TypeError, ValueError):
+        takes_step = False
+    if takes_step:
+        return lambda step, predicted: counters(step, predicted)
+    return lambda step, predicted: counters(predicted)
+
+
+def tally(target: Target, planned: Sequence[Planned], stats: Stats) -> None:
+    """Add the target's own counts of the compared steps ``planned`` to
+    ``stats.counters``. A target may define ``counters(predicted)`` or
+    ``counters(step, predicted)`` returning ``{name: count}`` (e.g. how many MISS
+    messages or errnos a step's prediction holds); targets without it count nothing."""
+    counters = target_counters(target)
+    if counters is None:
+        return
+    for p in planned:
+        for name, n in counters(p.step, p.predicted).items():
+            stats.counters[name] = stats.counters.get(name, 0) + int(n)
 
 
 @dataclass
@@ -557,6 +597,9 @@ class _Search:
         from the cache and not counted)."""
         if not self.shrinking() and self.stats.sequences >= self.total:
             raise _QuotaReached()
+        if self.shrinking() and self.hypothesis_time_left() <= 0:
+            self.shrink_cut = True  # out of time: not even planned (a model can be slow to plan)
+            return
         planned, model_error = plan(self.target, self.mutant, abstract, abstract=True)
         key = _key([p.step for p in planned]
                    + ([{"model-error": model_error.step, "step": model_error.concrete}] if model_error else []))
@@ -652,6 +695,7 @@ class _Search:
         self.stats.operations += len(observed)
         divergence = compare(self.target, planned, observed)
         self.stats.compared += len(observed) if divergence is None else divergence.step
+        tally(self.target, planned[:len(observed) if divergence is None else divergence.step], self.stats)
         if divergence is None:
             return None
         self.stats.divergent += 0 if self.shrinking() else 1
@@ -740,6 +784,7 @@ def replay_steps(target: Target, executor: Executor, steps: Sequence[Step], *, m
         stats.operations = len(observed)
         divergence = compare(target, planned, observed)
         stats.compared = len(observed) if divergence is None else divergence.step
+        tally(target, planned[:stats.compared], stats)
         if divergence is not None:
             stats.divergent = 1
             failure = Failure(planned[:divergence.step], observed[:divergence.step], divergence=divergence)
