@@ -162,11 +162,13 @@ PATHS: dict[int, str] = {}
 
 
 @op("vhost_vdpa.open")
-def open_dev(path: str | None = None, name: str | None = None, owner: bool = False) -> dict[str, Any]:
+def open_dev(path: str | None = None, name: str | None = None, owner: bool = False,
+             close: bool = False) -> dict[str, Any]:
     """open(2) the device node ``path`` (or that of vdpa device ``name``) read-write:
     ``fd`` (or -1 and the errno; a second open of the same device is EBUSY,
     ``vhost_vdpa_open``). ``owner``: VHOST_SET_OWNER right after a successful
-    open (``owner_errno``, None when not tried)."""
+    open (``owner_errno``, None when not tried). ``close``: close it again at once
+    (to try an open without keeping it)."""
     if path is None:
         path = _node(name or "vdpa0")
         if path is None:
@@ -177,6 +179,9 @@ def open_dev(path: str | None = None, name: str | None = None, owner: bool = Fal
         PATHS[rec["fd"]] = path
         if owner:
             owner_errno = ioctl(rec["fd"], VHOST_SET_OWNER)
+        if close:
+            kabi.close(rec["fd"])
+            PATHS.pop(rec["fd"], None)
     rec.update(owner_errno=owner_errno, **kabi.pin_counters())
     return rec
 

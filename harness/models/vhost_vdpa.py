@@ -257,7 +257,7 @@ class VhostVdpa:
             if asid >= self.nas:
                 return E.EINVAL
             iotlb = self.ases[asid] = IOTLB()
-        if (self.in_batch and self.batch_asid != asid) or iotlb is None:
+        if self.batch_blocks(asid) or iotlb is None:
             return E.EINVAL
         if type == IOTLB_UPDATE:
             return self.update(iotlb, iova, size, uaddr, perm)
@@ -272,6 +272,11 @@ class VhostVdpa:
             self.in_batch = False
             return 0
         return E.EINVAL
+
+    def batch_blocks(self, asid: int) -> bool:
+        """A batch on another address space is under way (``v->in_batch &&
+        v->batch_asid != asid``): the message is refused."""
+        return self.in_batch and self.batch_asid != asid
 
     def overlaps(self, iotlb: IOTLB, iova: int, size: int) -> bool:
         """``vhost_iotlb_itree_first(iotlb, iova, iova + size - 1)`` is not NULL."""
