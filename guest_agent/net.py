@@ -9,6 +9,7 @@ reached by the device through the IOMMU.
 
 Ops:
   ``net.setup``         find the interface by MAC, give it an address, bring it up
+  ``net.down``          bring it down: the device does no DMA after the workload
   ``net.ping_pattern``  echo ``count`` packets of ``size`` payload bytes and verify them
 """
 
@@ -67,6 +68,11 @@ def setup(mac: str, addr: str, prefix: int = 24) -> dict[str, Any]:
     Raises OSError if no interface has the MAC or ``ip`` fails.
     """
     iface = _iface_by_mac(mac)
+    try:  # no IPv6 chatter (router solicitations, MLD) from the device under test
+        with open(f"/proc/sys/net/ipv6/conf/{iface}/disable_ipv6", "w") as fh:
+            fh.write("1")
+    except OSError:
+        pass
     _ip("addr", "flush", "dev", iface)
     _ip("addr", "add", f"{addr}/{prefix}", "dev", iface)
     _ip("link", "set", iface, "up")
@@ -160,3 +166,13 @@ def ping_pattern(iface: str, peer: str, count: int = 256, size: int = 1400, seed
             "received": len(answered), "lost": sorted(lost)[:64], "lost_count": len(lost),
             "mismatches": sorted(mismatches)[:64], "verified": not lost and not mismatches,
             "bytes_verified": (len(answered) - len(mismatches)) * size, "seconds": round(elapsed, 4)}
+
+
+@op("net.down")
+def down(iface: str) -> dict[str, Any]:
+    """Bring ``iface`` down (its driver stops the queues and unmaps its buffers), so
+    that the device does no DMA after the workload: the guest's trace is collected
+    while the guest runs, and DMA the guest log no longer covers (an ARP refresh
+    after the collection) could not be judged.  Raises OSError if ``ip`` fails."""
+    _ip("link", "set", iface, "down")
+    return {"iface": iface}

@@ -382,6 +382,8 @@ class VirtioNetEcho(Workload):
     at ``10.0.N.2``: :class:`harness.vm.virtio.VirtioNet`) and verify every
     reply's payload.  Each packet crosses the device twice (a TX and an RX
     buffer, each mapped through the IOMMU).  ``rounds`` repeats it (new seeds).
+    The interface is brought down at the end, so the device does no DMA (an
+    ARP refresh) after the guest's trace is collected.
 
     Raises WorkloadFailed if a packet was lost or came back different.
     """
@@ -425,6 +427,8 @@ class VirtioNetEcho(Workload):
                 raise WorkloadFailed(f"echo through {setup['iface']} ({self.mac}) to {self.peer}: "
                                      f"{rec.get('lost_count')} of {self.count} packets lost, payload of "
                                      f"{len(rec.get('mismatches', []))} different (round {r})")
+        # No DMA after the workload: the guest's trace is collected while it runs.
+        records.append({"op": "net.down", **agent.call("net.down", timeout=self.timeout, iface=setup["iface"])})
         return records
 
 
