@@ -200,39 +200,56 @@ def make_machine(factory: Callable[[int, int], GrantTable], version: int) -> typ
             assert got == want, f"model {got} != oracle {want}"
             return got[1]
 
-        def pick_ref(self, i: int) -> int:
-            live = sorted(self.naive.in_use)
+        def pick_ref(self, i: int, *, endable: bool = False) -> int:
+            """Mostly a ref in use (not yet ended, for an end), sometimes any."""
+            live = sorted(self.naive.in_use - set(self.naive.deferred) if endable else self.naive.in_use)
             return live[i % len(live)] if live and i < 1000 else i % (NR + 3)
+
+        def mapper(self, ref: int, other: bool) -> int:
+            """The domain the ref is granted to, or the other one."""
+            grantee = self.naive.shared[ref].domid if 0 <= ref < NR else 0
+            return grantee ^ other
 
         @rule(domid=st.sampled_from(DOMS), gfn=st.integers(0, 3), ro=st.booleans())
         def grant(self, domid: int, gfn: int, ro: bool) -> None:
             self.both(lambda: self.model.grant_foreign_access(domid, gfn, readonly=ro),
                       lambda: self.naive.grant(domid, gfn, ro))
 
+        @rule(domid=st.sampled_from(DOMS), ro=st.booleans())
+        def grant_map_end(self, domid: int, ro: bool) -> None:
+            """A frontend ends a grant its backend still maps: the end is deferred."""
+            ref = self.both(lambda: self.model.grant_foreign_access(domid, 1, readonly=ro),
+                            lambda: self.naive.grant(domid, 1, ro))
+            if isinstance(ref, int):
+                self.both(lambda: self.model.map(ref, domid, readonly=ro), lambda: self.naive.map(ref, domid, ro))
+                self.both(lambda: self.model.end_foreign_access(ref), lambda: self.naive.end(ref))
+
         @rule(i=st.integers(0, 1100))
         def end(self, i: int) -> None:
-            ref = self.pick_ref(i)
+            ref = self.pick_ref(i, endable=True)
             self.both(lambda: self.model.end_foreign_access(ref), lambda: self.naive.end(ref))
 
         @rule(limit=st.sampled_from((0, 1, 2, 10)))
         def tick(self, limit: int) -> None:
             self.both(lambda: self.model.handle_deferred(limit), lambda: self.naive.tick(limit))
 
-        @rule(i=st.integers(0, 1100), domid=st.sampled_from(DOMS), ro=st.booleans())
-        def map(self, i: int, domid: int, ro: bool) -> None:
+        @rule(i=st.integers(0, 1100), other=st.sampled_from((0, 0, 0, 1)), ro=st.booleans())
+        def map(self, i: int, other: int, ro: bool) -> None:
             ref = self.pick_ref(i)
+            domid = self.mapper(ref, bool(other))
             self.both(lambda: self.model.map(ref, domid, readonly=ro), lambda: self.naive.map(ref, domid, ro))
 
-        @rule(i=st.integers(0, 50), domid=st.sampled_from(DOMS), stale=st.booleans())
+        @rule(i=st.integers(0, 50), domid=st.sampled_from(DOMS), stale=st.sampled_from((False, False, True)))
         def unmap(self, i: int, domid: int, stale: bool) -> None:
             live = sorted(self.naive.maps.get(domid, {}))
             handle = live[i % len(live)] if live and not stale else i
             self.both(lambda: self.model.unmap(handle, domid=domid), lambda: self.naive.unmap(handle, domid))
 
-        @rule(i=st.integers(0, 1100), domid=st.sampled_from(DOMS), dest=st.booleans(),
+        @rule(i=st.integers(0, 1100), other=st.sampled_from((0, 0, 0, 1)), dest=st.booleans(),
               offset=st.sampled_from((0, 8, 4095)), length=st.sampled_from((0, 1, 4088, 4096)))
-        def copy(self, i: int, domid: int, dest: bool, offset: int, length: int) -> None:
+        def copy(self, i: int, other: int, dest: bool, offset: int, length: int) -> None:
             ref = self.pick_ref(i)
+            domid = self.mapper(ref, bool(other))
             self.both(lambda: self.model.copy(ref, domid, dest=dest, offset=offset, length=length),
                       lambda: self.naive.copy(ref, domid, dest, offset, length))
 
