@@ -380,5 +380,5 @@ class VhostVdpa:
     def covered(self, asid: int, iova: int, size: int) -> bool:
         """Whether some map of ``asid`` intersects ``[iova, iova + size - 1]``."""
         iotlb = self.ases.get(asid)
-        return iotlb is not None and self.overlaps(iotlb, iova, size)
+        return iotlb is not None and iotlb.first(iova, iova + size - 1) is not None
 
