@@ -183,13 +183,14 @@ def check_evidence(ev: RunEvidence) -> Verdict:
 
 def _require_devices(ev: RunEvidence, reports: list[CheckReport]) -> None:
     """Every DMA device of the machine (nvme, virtio-blk, virtio-net) must have had
-    translations checked by the translation checkers: one with none makes them
+    translations checked by the translation checkers (vtd-consistency or
+    virtio-iommu, and guest-intent): one with none makes them
     inconclusive (:func:`harness.checks.devices.require_devices`)."""
     if ev.devices is None:
         return
     expected = expected_dma_devices(ev.devices)
     for report in reports:
-        if report.checker in ("vtd-consistency", "guest-intent") and (report.checker != "guest-intent"
+        if report.checker in ("vtd-consistency", "virtio-iommu", "guest-intent") and (report.checker != "guest-intent"
                                                                       or ev.guest_trace is not None):
             require_devices(report, expected)
 
@@ -234,6 +235,7 @@ def _check_virtio_iommu_evidence(ev: RunEvidence, guest: list[GuestEvent], host:
     reports = [viommu.finish(), intent.finish()]
     if data is not None:
         reports.append(data.finish())
+    _require_devices(ev, reports)
     return Verdict(reports=reports)
 
 
