@@ -28,8 +28,9 @@ function each comes from:
   origin line is named), ``unexpected-miss`` when they agree (an
   invalidation the model did not see).  The walk then waits for its
   ``vtd_dmar_translate`` (same sid, matching page: the oldest such waiting
-  walk or hit; translates of one sid may come out of order when several
-  threads translate), which gives the page size; the page
+  walk or hit whose SLPTE gives the translated address, else the oldest;
+  translates of one sid may come out of order when several threads
+  translate), which gives the page size; the page
   ``[iova & ~mask, iova | mask]`` is removed from the model and re-added
   from the SLPTE.  A walk that never gets its translate is counted
   (``walks_without_translate``).  QEMU inserted the entry when it traced
@@ -778,26 +779,42 @@ class VtdChecker:
                 self.counts.walks_without_translate += 1
         pend.append(e)
 
-    def _take_pending(self, sid: int, iova: int, mask: int) -> _Pending | None:
-        """The oldest pending event of ``sid`` this translate (page ``iova``,
-        ``mask``) answers.  Others stay: another thread's translate may come first."""
+    def _take_pending(self, sid: int, iova: int, mask: int, gpa: int) -> _Pending | None:
+        """The pending event of ``sid`` this translate (page ``iova``, ``mask``,
+        to ``gpa``) answers: the oldest of that page whose SLPTE gives ``gpa``
+        (the identity for a pass-through), else the oldest of that page.
+        Others stay: another thread's translate may come first, so when two
+        threads wait on one page with different SLPTEs (a hit from before an
+        invalidation and the walk after it) the translates may come in either
+        order, and the address tells which is which."""
         pend = self._pending.get(sid)
         if not pend:
             return None
+        chosen: int | None = None
         for index, p in enumerate(pend):
-            if (p.iova & ~mask) == iova:
-                del pend[index]
-                if not pend:
-                    del self._pending[sid]
-                return p
-        return None
+            if (p.iova & ~mask) != iova:
+                continue
+            if chosen is None:
+                chosen = index
+            slpte = getattr(p, "slpte", None)
+            target = iova if slpte is None else (slpte & SLPTE_ADDR_MASK) & ~mask
+            if target == gpa:
+                chosen = index
+                break
+        if chosen is None:
+            return None
+        p = pend[chosen]
+        del pend[chosen]
+        if not pend:
+            del self._pending[sid]
+        return p
 
     def _on_translate(self, e: DmarTranslate) -> None:
         c = self.counts
         c.translations += 1
         sid, iova, gpa, mask = e.sid, e.iova, e.gpa, e.mask
         self._by_sid_translations[sid] = self._by_sid_translations.get(sid, 0) + 1
-        p = self._take_pending(sid, iova, mask)
+        p = self._take_pending(sid, iova, mask, gpa)
         kind = type(p)
         if kind is TranslatePassthrough or (p is None and self._dmar_enabled is False):
             c.passthrough += 1
