@@ -85,7 +85,7 @@ REGION_PAGES = sum(RUNS)
 READONLY_PAGES = 4
 """The region's last pages, mprotect'ed read-only: pinning them for WO/RW fails."""
 RW_PAGES = REGION_PAGES - READONLY_PAGES
-MEMLOCK_PAGES = 64
+MEMLOCK_PAGES = 48
 """RLIMIT_MEMLOCK of the agent during a sequence (pages): a few large UPDATEs reach it."""
 WINDOW = 64
 """Pages of the iova window from 0 where most maps go and the probes look."""
