@@ -388,3 +388,16 @@ def read_raw(fd: int, count: int) -> dict[str, Any]:
 @op("vhost.flush")
 def flush(fd: int) -> dict[str, Any]:
     return record(_flush(fd))
+
+
+@op("vhost.close")
+def close(fd: int) -> dict[str, Any]:
+    """Close the vhost fd and the eventfds and socket the agent made for it (and
+    nothing else of the fd table). ``closed``: how many."""
+    dev = DEVICES.pop(fd, None)
+    fds = [fd] + ([*dev.kick, *dev.call, dev.sock] if dev is not None else [])
+    n = 0
+    for f in fds:
+        if f >= 0 and f in kabi.FDS:
+            n += kabi.close(f)["errno"] == 0
+    return record(0, closed=n)

@@ -14,7 +14,7 @@ fails; so whatever map the kernel uses for a ring, the bytes it reads and writes
 are the ones of the region behind that ring: an avail ring's idx stays 0 and no
 handler ever goes past ``vq_meta_prefetch``. Maps with perm 0 may point
 anywhere: the kernel never dereferences them. At the end the device is closed
-(its IOTLB and messages go) and the region unmapped.
+(its IOTLB and messages go, with its eventfds and socket) and the region unmapped.
 
 Operations (a step's ``op``):
 
@@ -80,9 +80,10 @@ if TYPE_CHECKING:
     from harness.vm.spec import MachineSpec
 
 PAGE = 4096
-REGION_VA = 0x7D00_0000_0000
+REGION_VA = 0x7C00_0000_0000
 """User VA of each sequence's ring memory (below the agent's mmap base, above
-everything else; another VA than the pinning target's region)."""
+everything else; not the pinning or vhost-vdpa targets' regions, which may stay
+mapped in the same guest)."""
 WINDOW_IOVA = 0x40000
 """First iova of the ring window."""
 WINDOW_PAGES = 16
@@ -655,7 +656,7 @@ def format_value_result(v: Any) -> str:
 
 class VhostNetDriver:
     """The guest side of one vhost-net sequence (guest agent ops ``vhost.*``,
-    ``mem.map``/``mem.unmap``, ``fd.close_all``)."""
+    ``mem.map``/``mem.unmap``; ``vhost.close`` closes only this sequence's fds)."""
 
     def __init__(self) -> None:
         self.fd: int | None = None
@@ -721,4 +722,5 @@ class VhostNetDriver:
         return obs
 
     def teardown(self) -> list[Call]:
-        return [{"op": "fd.close_all", "args": {}}, {"op": "mem.unmap", "args": {"user_va": REGION_VA}}]
+        close = [{"op": "vhost.close", "args": {"fd": self.fd}}] if self.fd is not None else []
+        return close + [{"op": "mem.unmap", "args": {"user_va": REGION_VA}}]

@@ -108,10 +108,9 @@ class FakeVhostAgent:
         if op == "mem.unmap":
             self.regions.remove(a["user_va"])
             return {"user_va": a["user_va"]}
-        if op == "fd.close_all":
-            n = len(self.devs)
-            self.devs.clear()
-            return {"errno": 0, "closed": n}
+        if op == "vhost.close":
+            del self.devs[a["fd"]]
+            return {"errno": 0, "closed": 1}
         dev = self.devs[a["fd"]]
         if op == "vhost.net_setup":
             errnos = {"set_owner": 0, "set_mem_table": 0, "set_features": dev.set_features(a["features"]),
