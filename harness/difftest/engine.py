@@ -568,6 +568,9 @@ class _Search:
         self.clock = clock
         self.stats = Stats()
         self.cache: dict[str, Failure | None] = {}
+        self.by_abstract: dict[str, Failure | None] = {}
+        """Outcomes by abstract sequence: past the shrink deadline only these are
+        answered (so Hypothesis's final re-run of its example still fails)."""
         self.best: Failure | None = None
         self.first_length: int | None = None
         self.shrink_started: float | None = None
@@ -597,7 +600,8 @@ class _Search:
         from the cache and not counted)."""
         if not self.shrinking() and self.stats.sequences >= self.total:
             raise _QuotaReached()
-        if self.shrinking() and self.hypothesis_time_left() <= 0:
+        abstract_key = repr(abstract)
+        if self.shrinking() and self.hypothesis_time_left() <= 0 and abstract_key not in self.by_abstract:
             self.shrink_cut = True  # out of time: not even planned (a model can be slow to plan)
             return
         planned, model_error = plan(self.target, self.mutant, abstract, abstract=True)
@@ -617,6 +621,7 @@ class _Search:
                 self.stats.sequences += 1
             failure = self._execute(planned, model_error)
             self.cache[key] = failure
+        self.by_abstract[abstract_key] = failure
         self.progress()
         if failure is None or not self.same_failure(failure):
             return
