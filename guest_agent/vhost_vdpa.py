@@ -45,17 +45,15 @@ import subprocess
 from typing import Any
 
 from guest_agent import kabi
-from guest_agent.kabi import IO, IOR, IOW, ioctl, record
+from guest_agent.kabi import IOR, IOW, ioctl, record
 from guest_agent.protocol import op
 
 PAGE = 4096
 U64_MAX = 2**64 - 1
-VHOST_VIRTIO = 0xAF
+# The ioctls vhost-vdpa shares with every vhost device (include/uapi/linux/vhost.h).
+from guest_agent.vhost import (VHOST as VHOST_VIRTIO, VHOST_GET_BACKEND_FEATURES, VHOST_GET_FEATURES,  # noqa: E402
+                               VHOST_SET_BACKEND_FEATURES, VHOST_SET_OWNER)
 
-VHOST_SET_OWNER = IO(VHOST_VIRTIO, 0x01)
-VHOST_GET_FEATURES = IOR(VHOST_VIRTIO, 0x00, 8)
-VHOST_SET_BACKEND_FEATURES = IOW(VHOST_VIRTIO, 0x25, 8)
-VHOST_GET_BACKEND_FEATURES = IOR(VHOST_VIRTIO, 0x26, 8)
 VHOST_VDPA_GET_DEVICE_ID = IOR(VHOST_VIRTIO, 0x70, 4)
 VHOST_VDPA_GET_IOVA_RANGE = IOR(VHOST_VIRTIO, 0x78, 16)
 VHOST_VDPA_GET_AS_NUM = IOR(VHOST_VIRTIO, 0x7A, 4)

@@ -101,10 +101,16 @@ class IoRecord:
 def ios_from_records(records: Iterable[Mapping[str, Any]]) -> list[IoRecord]:
     """The I/Os of ``nvme.pattern_rw`` op records (other records, and those on a
     virtio-blk disk ``/dev/vdX``, are ignored)."""
+    return pattern_ios(rec for rec in records if rec.get("op") == "nvme.pattern_rw"
+                       and not str(rec.get("device", "")).startswith("/dev/vd"))  # virtio-blk: virtio_blk_data
+
+
+def pattern_ios(records: Iterable[Mapping[str, Any]]) -> list[IoRecord]:
+    """The I/Os (``ios``) of pattern op records, each with the guest-physical pages
+    of its buffer (``buffers_pages``); records without ``ios`` are skipped."""
     out: list[IoRecord] = []
     for rec in records:
-        if rec.get("op") != "nvme.pattern_rw" or "ios" not in rec \
-                or str(rec.get("device", "")).startswith("/dev/vd"):  # virtio-blk: harness.checks.virtio_blk_data
+        if "ios" not in rec:
             continue
         buffers = [tuple(int(p) for p in pages) for pages in rec.get("buffers_pages", ())]
         for io in rec["ios"]:

@@ -40,7 +40,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-from harness.checks.block_data import IoRecord, _gaps
+from harness.checks.block_data import IoRecord, _gaps, pattern_ios
 from harness.checks.sync import VIRTIO_BLK_SUBMIT, SyncPairs
 from harness.checks.verdict import CheckReport, DivergenceLog, TraceLine
 from harness.checks.virtio_blk import SECTOR, GuestBlkRequest, HostBlkRequest, VirtioElementTracker, guest_blk_requests
@@ -71,18 +71,8 @@ def is_virtio_disk(device: str) -> bool:
 def virtio_ios_from_records(records: Iterable[Mapping[str, Any]]) -> list[IoRecord]:
     """The I/Os of pattern op records (``block.pattern_rw``, ``nvme.pattern_rw``)
     on a virtio-blk disk; other records are ignored."""
-    out: list[IoRecord] = []
-    for rec in records:
-        if rec.get("op") not in ("block.pattern_rw", "nvme.pattern_rw") or "ios" not in rec \
-                or not is_virtio_disk(str(rec.get("device", ""))):
-            continue
-        buffers = [tuple(int(p) for p in pages) for pages in rec.get("buffers_pages", ())]
-        for io in rec["ios"]:
-            index = int(io.get("buffer", 0))
-            pages = buffers[index] if index < len(buffers) else ()
-            out.append(IoRecord(int(io["io"]), str(io["dir"]), int(io["pos"]), int(io["len"]), pages,
-                                int(rec.get("lba_size", 512))))
-    return out
+    return pattern_ios(rec for rec in records if rec.get("op") in ("block.pattern_rw", "nvme.pattern_rw")
+                       and is_virtio_disk(str(rec.get("device", ""))))
 
 
 @dataclass
