@@ -110,7 +110,7 @@ def test_difftest_agrees_with_the_kernel_and_a_mutant_diverges(guest):
     assert report.status == "ok", "\n".join(failure_lines(target, report))
     # How many operations 25 sequences hold depends on Hypothesis's draws, which vary with the test
     # modules loaded in the process; what must hold is that every one was run and compared.
-    assert report.stats.sequences == 25 and report.stats.compared == report.stats.operations >= 25
+    assert report.stats.sequences == 25 and report.stats.compared == report.stats.operations >= 25 - report.stats.cached
     assert report.stats.counters["errnos compared"] > 0
     report = search(target, AgentExecutor(guest.agent), sequences=50, seed=1, mutant="vdpa-invalidate-split",
                     shrink_seconds=10, echo=print)
