@@ -5,12 +5,16 @@ over it."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
+
+from harness.errors import ConfigError
 
 from harness.images.cache import ImageCache
 from harness.images.kernel import KernelImage, check_kernel, ensure_kernel, read_user_kernel, user_kernel
 from harness.images.rootfs import ensure_initrd
 from harness.images.sshkey import ensure_ssh_key
+from harness.images.xen import ensure_xen
 from harness.options import HarnessOptions
 from harness.trace.guest import GUEST_TRACE_EVENTS
 from harness.trace.parser import TRACE_EVENTS
@@ -58,6 +62,11 @@ class Harness:
         if spec is not None and (spec.kernel or spec.initrd):
             images = BootImages(kernel.bzimage, Path(spec.initrd) if spec.initrd else images.initrd,
                                 images.ssh_key, images.host_key)
+        if spec is not None and spec.xen is not None:
+            hypervisor = Path(spec.xen.hypervisor) if spec.xen.hypervisor else ensure_xen(self.cache).path
+            if not hypervisor.is_file():
+                raise ConfigError(f"xen.hypervisor {str(hypervisor)!r} is not a file", key="xen.hypervisor")
+            images = dataclasses.replace(images, hypervisor=hypervisor)
         return images
 
     def accel(self, requested: str | None = None) -> AccelChoice:

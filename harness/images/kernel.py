@@ -18,7 +18,6 @@ options plus the harness's own), with :func:`check_kernel`.
 
 from __future__ import annotations
 
-import glob
 import gzip
 import hashlib
 import json
@@ -34,12 +33,12 @@ from importlib.resources import as_file
 from pathlib import Path
 
 from harness.errors import ImageError, KernelConfigError
+from harness.images.apt import download
 from harness.images.cache import ImageCache, content_key, recipes_dir
 from harness.images.steps import announce, run_step
 
 KERNEL_PACKAGE = "linux-source-6.12"
 KERNEL_SUITE = "bookworm-backports"
-DEBIAN_MIRROR = "http://deb.debian.org/debian"
 RECIPE_VERSION = "kernel-recipe-1"
 
 
@@ -262,22 +261,6 @@ def extract_ikconfig(bzimage: Path) -> str | None:
     return None
 
 
-def _apt_options(cache: ImageCache) -> list[str]:
-    base = cache.path("apt", KERNEL_SUITE)
-    (base / "lists" / "partial").mkdir(parents=True, exist_ok=True)
-    (base / "archives" / "partial").mkdir(parents=True, exist_ok=True)
-    sources = base / "sources.list"
-    sources.write_text(f"deb {DEBIAN_MIRROR} {KERNEL_SUITE} main\n")
-    return [
-        "-o", f"Dir::Etc::SourceList={sources}",
-        "-o", "Dir::Etc::SourceParts=/dev/null",
-        "-o", f"Dir::State::Lists={base / 'lists'}",
-        "-o", f"Dir::Cache::Archives={base / 'archives'}",
-        "-o", "Debug::NoLocking=1",
-        "-o", "APT::Sandbox::User=root",
-    ]
-
-
 def _build(cache: ImageCache, key: str, jobs: int, patch: str | None = None) -> None:
     started = time.monotonic()
     build = cache.path("kernel", f"{key}.build")
@@ -286,18 +269,7 @@ def _build(cache: ImageCache, key: str, jobs: int, patch: str | None = None) -> 
     log = cache.path("kernel", f"{key}.log")
     log.write_text(f"kernel build {key}\n")
     announce(f"building guest kernel {key} from {KERNEL_PACKAGE} ({KERNEL_SUITE}); log: {log}")
-    apt = _apt_options(cache)
-    downloads = cache.path("downloads")
-    downloads.mkdir(parents=True, exist_ok=True)
-    run_step("apt-get update (" + KERNEL_SUITE + ")", ["apt-get", *apt, "update"], log=log)
-    for old in glob.glob(str(downloads / f"{KERNEL_PACKAGE}_*.deb")):
-        os.unlink(old)
-    run_step(f"download {KERNEL_PACKAGE}", ["apt-get", *apt, "download", KERNEL_PACKAGE], log=log, cwd=downloads)
-    debs = sorted(downloads.glob(f"{KERNEL_PACKAGE}_*.deb"))
-    if not debs:
-        raise ImageError(f"apt-get download left no {KERNEL_PACKAGE} .deb in {downloads}", log=str(log))
-    deb = debs[-1]
-    version = deb.name.split("_")[1]
+    deb, version = download(cache, KERNEL_PACKAGE, KERNEL_SUITE, log=log)
     run_step("unpack .deb", ["dpkg-deb", "-x", deb, build / "deb"], log=log)
     tarballs = list((build / "deb" / "usr" / "src").glob("linux-source-*.tar.*"))
     if not tarballs:

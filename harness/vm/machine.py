@@ -50,6 +50,7 @@ from harness.vm.console import Console, tail_lines
 from harness.vm.devices import RenderContext
 from harness.vm.qmpmonitor import QMPMonitor
 from harness.vm.spec import MachineSpec
+from harness.vm.xen import panic_in
 
 AGENT_PORT_NAME = "org.dmaharness.agent.0"
 RUN_PREFIX = "dma-harness-"
@@ -65,6 +66,7 @@ class BootImages:
     initrd: Path
     ssh_key: Path | None = None
     host_key: str | None = None
+    hypervisor: Path | None = None  # the Xen multiboot ELF, for a spec with ``xen``
 
 
 def find_qemu(binary: str | None = None) -> str:
@@ -187,6 +189,9 @@ class VM:
         self._ssh: paramiko.SSHClient | None = None
         self._started = 0.0
         self._panicked = False
+        self._panic_what = "the guest kernel panicked"
+        self._console_seen = 0  # bytes of console.log already scanned for crash signatures (Xen)
+        self._console_carry = ""
 
     # ------------------------------------------------------------------ context
     def __enter__(self) -> VM:
@@ -233,8 +238,15 @@ class VM:
         argv = [self.qemu, "-name", self.name, "-nodefaults", "-no-user-config", "-display", "none",
                 "-no-reboot", "-msg", "timestamp=off"]
         argv += self.spec.machine_argv(ctx)
-        argv += ["-kernel", str(self.images.kernel), "-initrd", str(self.images.initrd),
-                 "-append", self.kernel_cmdline()]
+        if self.spec.xen is not None:
+            if self.images.hypervisor is None:
+                raise VMError("a Xen machine needs images.hypervisor (the Xen ELF)")
+            argv += ["-kernel", str(self.images.hypervisor), "-append", self.spec.xen.xen_cmdline(),
+                     "-initrd", self.spec.xen.modules(str(self.images.kernel), self.kernel_cmdline(),
+                                                      str(self.images.initrd))]
+        else:
+            argv += ["-kernel", str(self.images.kernel), "-initrd", str(self.images.initrd),
+                     "-append", self.kernel_cmdline()]
         argv += ["-chardev", f"socket,id=qmp0,path={self.path('qmp.sock')},server=on,wait=off",
                  "-mon", "chardev=qmp0,mode=control"]
         argv += ["-chardev", f"socket,id=con0,path={self.path('console.sock')},server=on,wait=off,"
@@ -331,8 +343,10 @@ class VM:
             for ev in self._qmp.poll_events():
                 if ev.get("event") == "GUEST_PANICKED":
                     self._panicked = True
+        if self.spec.xen is not None and not self._panicked:
+            self._watch_xen_console()
         if self._panicked:
-            raise GuestPanicked(f"{self.name}: the guest kernel panicked", console_tail=self.console_tail(25))
+            raise GuestPanicked(f"{self.name}: {self._panic_what}", console_tail=self.console_tail(25))
         if self._proc is not None and self._proc.poll() is not None:
             self.exitcode = self._proc.returncode
             qemu_out = self.path("qemu.log").read_text(errors="replace").strip()
@@ -340,6 +354,26 @@ class VM:
                 f"{self.name}: QEMU exited with status {self.exitcode}"
                 + (f"; QEMU said: {qemu_out[-500:]}" if qemu_out else ""),
                 exitcode=self.exitcode, console_tail=self.console_tail(25))
+
+    def _watch_xen_console(self) -> None:
+        """Scan the console output added since the last call for a Xen or dom0 crash
+        (harness.vm.xen.PANIC_SIGNATURES): under Xen a dom0 panic does not reach
+        pvpanic reliably, and Xen's own panic never does."""
+        if self.run_dir is None:
+            return
+        try:
+            with open(self.path("console.log"), "rb") as fh:
+                fh.seek(self._console_seen)
+                data = fh.read()
+        except OSError:
+            return
+        self._console_seen += len(data)
+        text = self._console_carry + data.decode(errors="replace")
+        head, sep, self._console_carry = text.rpartition("\n")
+        found = panic_in(head + sep)
+        if found is not None:
+            self._panicked = True
+            self._panic_what = f"{found[0]} ({found[1][:160]})"
 
     def run_state(self) -> str:
         """QEMU's state in a few words: its QMP ``query-status`` (``running``,

@@ -10,6 +10,7 @@ from typing import Any
 from harness.errors import DeviceConfigError
 from harness.vm.accel import ACCELS
 from harness.vm.devices import IOMMU_KINDS, Device, IntelIommu, NvmeController, RenderContext
+from harness.vm.xen import XEN_CPU, XEN_KERNEL_OPTIONS, XenHost
 
 HARNESS = "the harness"
 HARNESS_KERNEL_OPTIONS: tuple[str, ...] = (
@@ -30,7 +31,9 @@ class MachineSpec:
     ``cpus``, ``accel`` (``auto``: KVM if a probe guest really boots, else TCG),
     ``cpu`` (QEMU CPU model; default ``host`` under KVM, ``max`` under TCG),
     ``kernel`` / ``initrd`` (paths; ``None`` = the harness's own images), ``cmdline``
-    (extra kernel arguments), ``devices`` (device objects, IOMMU first).
+    (extra kernel arguments), ``devices`` (device objects, IOMMU first), ``xen``
+    (a :class:`~harness.vm.xen.XenHost`: boot Xen with the kernel as PV dom0; None =
+    the kernel runs on the bare machine).
 
     Raises DeviceConfigError naming the field for any invalid or conflicting value.
     """
@@ -44,6 +47,7 @@ class MachineSpec:
     initrd: str | None = None
     cmdline: str = ""
     devices: tuple[Device, ...] = field(default_factory=tuple)
+    xen: XenHost | None = None
 
     def __post_init__(self) -> None:
         if self.machine not in ("q35", "pc"):
@@ -65,6 +69,15 @@ class MachineSpec:
             raise DeviceConfigError(f"duplicate device ids: {ids}", key="devices")
         if "\n" in self.cmdline:
             raise DeviceConfigError("cmdline must be one line", key="cmdline")
+        if self.xen is not None:
+            if not isinstance(self.xen, XenHost):
+                raise DeviceConfigError(f"xen must be a XenHost, not {self.xen!r}", key="xen")
+            if iommus:
+                raise DeviceConfigError(f"a vIOMMU ({iommus[0].kind}) under Xen is not supported: Xen would "
+                                        "drive it itself, and dom0 would see no IOMMU", key="devices")
+            if self.memory_mib < self.xen.dom0_mem_mib + 256:
+                raise DeviceConfigError(f"memory_mib ({self.memory_mib}) must leave Xen at least 256 MiB beside "
+                                        f"dom0's {self.xen.dom0_mem_mib} MiB", key="memory_mib")
         # What virtio devices need from the rest of the machine (ats -> intel-iommu device_iotlb).
         from harness.vm.virtio import check_machine as _check_virtio
         _check_virtio(self)
@@ -80,6 +93,9 @@ class MachineSpec:
         """The kernel options this machine's guest needs (``=y``), each with what
         needs it: ``{"INTEL_IOMMU": ["intel-iommu"], "VIRTIO_CONSOLE": ["the harness"]}``."""
         needs: dict[str, list[str]] = {name: [HARNESS] for name in HARNESS_KERNEL_OPTIONS}
+        if self.xen is not None:
+            for name in XEN_KERNEL_OPTIONS:
+                needs.setdefault(name, []).append("xen (dom0)")
         for d in self.devices:
             for name in d.kernel_options():
                 users = needs.setdefault(name, [])
@@ -88,10 +104,16 @@ class MachineSpec:
         return needs
 
     def cpu_model(self, accel: str) -> str:
-        return self.cpu or ("host" if accel == "kvm" else "max")
+        if self.cpu:
+            return self.cpu
+        if self.xen is not None:
+            return XEN_CPU  # -cpu max crashes a PV dom0 under TCG (FACTS.md)
+        return "host" if accel == "kvm" else "max"
 
     def kernel_cmdline(self) -> str:
-        args = ["console=ttyS0", "panic=-1", "loglevel=4"]
+        """The (dom0) kernel's command line: its console (``hvc0`` under Xen, which
+        owns COM1), reboot on panic, each device's arguments, then ``cmdline``."""
+        args = ["console=hvc0" if self.xen is not None else "console=ttyS0", "panic=-1", "loglevel=4"]
         for d in self.devices:
             args += d.kernel_args()
         if self.cmdline:
@@ -115,6 +137,8 @@ class MachineSpec:
         t: dict[str, Any] = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
                              if f.name != "devices" and getattr(self, f.name) is not None}
         t["devices"] = [d.to_table() for d in self.devices]
+        if self.xen is not None:
+            t["xen"] = self.xen.to_table()
         return t
 
 

@@ -1,0 +1,55 @@
+"""Debian packages fetched with a private apt state under the image cache
+(``<cache>/apt/<suite>/``): the system's apt sources and lists are never read or
+touched, so a suite the host does not use (bookworm-backports) works the same as
+its own, and no root-owned state changes."""
+
+from __future__ import annotations
+
+import glob
+import os
+from pathlib import Path
+
+from harness.errors import ImageError
+from harness.images.cache import ImageCache
+from harness.images.steps import run_step
+
+DEBIAN_MIRROR = "http://deb.debian.org/debian"
+
+
+def apt_options(cache: ImageCache, suite: str) -> list[str]:
+    """``apt-get`` options for a private state of ``suite`` (main) under the cache."""
+    base = cache.path("apt", suite)
+    (base / "lists" / "partial").mkdir(parents=True, exist_ok=True)
+    (base / "archives" / "partial").mkdir(parents=True, exist_ok=True)
+    sources = base / "sources.list"
+    sources.write_text(f"deb {DEBIAN_MIRROR} {suite} main\n")
+    return [
+        "-o", f"Dir::Etc::SourceList={sources}",
+        "-o", "Dir::Etc::SourceParts=/dev/null",
+        "-o", f"Dir::State::Lists={base / 'lists'}",
+        "-o", f"Dir::Cache::Archives={base / 'archives'}",
+        "-o", "Debug::NoLocking=1",
+        "-o", "APT::Sandbox::User=root",
+    ]
+
+
+def download(cache: ImageCache, package: str, suite: str, *, log: Path) -> tuple[Path, str]:
+    """Download the candidate ``package`` of ``suite`` into ``<cache>/downloads``.
+
+    Returns the .deb's path and its Debian version. Older downloads of the same
+    package are removed first.
+
+    Raises:
+        ImageError: apt-get failed (the log is named) or left no .deb.
+    """
+    apt = apt_options(cache, suite)
+    downloads = cache.path("downloads")
+    downloads.mkdir(parents=True, exist_ok=True)
+    run_step(f"apt-get update ({suite})", ["apt-get", *apt, "update"], log=log)
+    for old in glob.glob(str(downloads / f"{package}_*.deb")):
+        os.unlink(old)
+    run_step(f"download {package}", ["apt-get", *apt, "download", package], log=log, cwd=downloads)
+    debs = sorted(downloads.glob(f"{package}_*.deb"))
+    if not debs:
+        raise ImageError(f"apt-get download left no {package} .deb in {downloads}", log=str(log))
+    return debs[-1], debs[-1].name.split("_")[1]
