@@ -37,6 +37,7 @@ from harness.device_tables import device_from_table
 from harness.tables import check_type, from_table
 from harness.vm.devices import Device, NvmeController
 from harness.vm.spec import MachineSpec
+from harness.vm.xen import XenHost
 from harness.workloads import NvmePattern, Workload, workload_from_table
 
 _TOP_KEYS = {"name", "description", "machine", "devices", "workload", "boot_timeout"}
@@ -162,7 +163,7 @@ def scenario_from_table(data: dict[str, Any]) -> Scenario:
     if not isinstance(devices, list) or not all(isinstance(d, dict) for d in devices):
         raise ConfigError("devices must be an array of tables ([[devices]])", key="devices")
     spec = from_table(MachineSpec, {**machine, "devices": devices}, "machine", error=DeviceConfigError,
-                      ignore=(), convert={"devices": _devices})
+                      ignore=(), convert={"devices": _devices, "xen": _xen_host})
     _check_machine_strings(spec)
     wl = data["workload"]
     if not isinstance(wl, dict):
@@ -182,6 +183,13 @@ def scenario_from_table(data: dict[str, Any]) -> Scenario:
                               key="workload.chunk")
     return Scenario(name=data["name"], machine=spec, workload=workload,
                     description=str(data.get("description", "")), boot_timeout=float(timeout))
+
+
+def _xen_host(value: Any, path: str) -> XenHost:
+    """``[machine.xen]``: boot Xen with the kernel as dom0 (harness.vm.xen.XenHost)."""
+    if not isinstance(value, dict):
+        raise DeviceConfigError(f"{path} must be a table ([machine.xen])", key=path)
+    return from_table(XenHost, value, path, error=DeviceConfigError, ignore=())
 
 
 def _check_machine_strings(spec: MachineSpec) -> None:

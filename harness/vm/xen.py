@@ -69,21 +69,21 @@ class XenHost:
     def __post_init__(self) -> None:
         if not isinstance(self.dom0_mem_mib, int) or isinstance(self.dom0_mem_mib, bool) \
                 or not 256 <= self.dom0_mem_mib <= 65536:
-            raise DeviceConfigError(f"xen.dom0_mem_mib must be 256..65536, not {self.dom0_mem_mib!r}",
-                                    key="xen.dom0_mem_mib")
+            raise DeviceConfigError(f"dom0_mem_mib must be 256..65536, not {self.dom0_mem_mib!r}",
+                                    key="dom0_mem_mib")
         if self.dom0_vcpus is not None and (not isinstance(self.dom0_vcpus, int)
                                             or isinstance(self.dom0_vcpus, bool) or not 1 <= self.dom0_vcpus <= 64):
-            raise DeviceConfigError(f"xen.dom0_vcpus must be 1..64, not {self.dom0_vcpus!r}", key="xen.dom0_vcpus")
+            raise DeviceConfigError(f"dom0_vcpus must be 1..64, not {self.dom0_vcpus!r}", key="dom0_vcpus")
         if not isinstance(self.conring_kib, int) or isinstance(self.conring_kib, bool) \
                 or not 16 <= self.conring_kib <= 65536:
-            raise DeviceConfigError(f"xen.conring_kib must be 16..65536, not {self.conring_kib!r}",
-                                    key="xen.conring_kib")
+            raise DeviceConfigError(f"conring_kib must be 16..65536, not {self.conring_kib!r}",
+                                    key="conring_kib")
         if not isinstance(self.xen_args, str) or "\n" in self.xen_args:
-            raise DeviceConfigError("xen.xen_args must be one line of text", key="xen.xen_args")
+            raise DeviceConfigError("xen_args must be one line of text", key="xen_args")
         if self.hypervisor is not None and (not isinstance(self.hypervisor, str) or not self.hypervisor
                                             or "," in self.hypervisor or " " in self.hypervisor):
-            raise DeviceConfigError(f"xen.hypervisor must be a path without commas or spaces, "
-                                    f"not {self.hypervisor!r}", key="xen.hypervisor")
+            raise DeviceConfigError(f"hypervisor must be a path without commas or spaces, "
+                                    f"not {self.hypervisor!r}", key="hypervisor")
 
     def xen_cmdline(self) -> str:
         """Xen's command line: COM1 console, dom0's memory and vCPUs, the console ring."""
