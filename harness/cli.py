@@ -86,7 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     bsub = bench.add_subparsers(dest="bench", required=True)
     boot = bsub.add_parser("boot", help="time from QEMU start to the guest agent answering")
     boot.add_argument("--runs", type=int, default=5)
-    boot.add_argument("--config", default=None, help="scenario whose machine to boot (default: the NVMe one)")
+    boot.add_argument("--config", default=None, help="scenario whose machine to boot (default: the profile's)")
+    boot.add_argument("--profile", choices=("default", "xen"), default="default",
+                      help="machine to boot without --config: default (q35, intel-iommu, NVMe) or xen "
+                           "(Xen 4.17 with the harness's kernel as PV dom0; the agent answers in dom0)")
     boot.add_argument("--trace", action="store_true",
                       help="boot with QEMU's and the guest kernel's tracing on (as runs do) and time collecting "
                            "the guest's trace")
@@ -326,13 +329,18 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_bench_boot(args: argparse.Namespace) -> int:
     _check_inputs(args)
     from harness.scenario import load_scenario
-    from harness.vm.spec import default_machine
-    spec = load_scenario(args.config).machine if args.config else default_machine()
+    from harness.vm.spec import default_machine, xen_machine
+    if args.config:
+        spec = load_scenario(args.config).machine
+    else:
+        spec = xen_machine() if args.profile == "xen" else default_machine()
     if args.runs < 1:
         raise HarnessError("--runs must be at least 1")
     h = _harness(args)
     accel = h.accel(spec.accel)
     print(f"accelerator: {accel.accel} ({accel.reason})")
+    if spec.xen is not None:
+        print(f"hypervisor: {h.images(spec).hypervisor} (dom0: the harness's kernel and initramfs)")
     times = []
     for i in range(args.runs):
         with h.vm(spec, name=f"bench{i}", trace=args.trace) as vm:

@@ -146,3 +146,9 @@ def default_machine() -> MachineSpec:
     """The machine used when none is given: q35, intel-iommu (caching mode), one NVMe
     controller with a 64 MiB namespace; accelerator ``auto``."""
     return MachineSpec(devices=(IntelIommu(caching_mode=True), NvmeController()))
+
+
+def xen_machine() -> MachineSpec:
+    """The Xen machine: q35, 2 GiB, Xen 4.17 with the harness's kernel as PV dom0
+    (1 GiB), no vIOMMU; accelerator ``auto``."""
+    return MachineSpec(memory_mib=2048, xen=XenHost())
