@@ -230,9 +230,9 @@ def _check_evidence(path: Path) -> None:
             if (path / name).exists() and _file_kind(path / name) != "a regular file":
                 raise ConfigError(f"{str(path / name)!r} is {_file_kind(path / name)}, not a regular file",
                                   key="evidence")
-        if compressed_or_plain(path / HOST_TRACE) is None:
-            raise ConfigError(f"{str(path)!r} is a folder without {HOST_TRACE}: not an artifacts folder of a run",
-                              key="evidence")
+        if compressed_or_plain(path / HOST_TRACE) is None and not (path / RECORDS).is_file():
+            raise ConfigError(f"{str(path)!r} is a folder without {HOST_TRACE} or {RECORDS}: not an artifacts "
+                              "folder of a run", key="evidence")
         _check_evidence_json(path)
     elif kind != "a regular file":
         raise ConfigError(f"{str(path)!r} is {kind}, not a trace file or an artifacts folder", key="evidence")

@@ -25,6 +25,8 @@ O_DIRECT I/O, ``block-data`` (:mod:`harness.checks.block_data`, the data
 against the agent's buffer pages), and when they hold iommufd, VFIO, KVM or
 userspace-NVMe ops, ``ioas`` (:mod:`harness.checks.ioas`, the ops against the
 pinning, VFIO and KVM-VFIO models, the vfio controller's DMA against the IOAS).
+On a Xen machine (dom0 is the guest), ``xen-grant`` (:mod:`harness.checks.grant`,
+dom0's grant ops and Xen's dumped entries against the grant model) is the check.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ from pathlib import Path
 from typing import Any
 
 from harness.checks.block_data import BlockDataChecker, ios_from_records
+from harness.checks.grant import GrantChecker
+from harness.checks.grant import applies as grant_applies
 from harness.checks.guest_intent import GuestIntentChecker
 from harness.checks.ioas import IoasChecker
 from harness.checks.ioas import applies as ioas_applies
@@ -74,7 +78,7 @@ class RunEvidence:
     machine had (NVMe sync pairs are used only with one).
     """
 
-    host_trace: Path
+    host_trace: Path | None
     guest_trace: Path | None = None
     guest_lost: int = 0
     records: list[dict[str, Any]] = field(default_factory=list)
@@ -84,6 +88,8 @@ class RunEvidence:
     devices: list[dict[str, Any]] | None = None
     """The machine's devices as tables (``spec.json``); their DMA devices must each
     have had something checked (:mod:`harness.checks.devices`).  None: unknown."""
+    xen: bool | None = None
+    """The machine booted Xen with the guest as dom0 (None: decide from the records)."""
 
     @classmethod
     def from_folder(cls, folder: Path) -> RunEvidence:
@@ -93,8 +99,8 @@ class RunEvidence:
         or holds a file that is not what it should be.
         """
         host = compressed_or_plain(folder / HOST_TRACE)
-        if host is None:
-            raise ConfigError(f"{folder} holds no {HOST_TRACE} (not an artifacts folder of a run)")
+        if host is None and not (folder / RECORDS).is_file():
+            raise ConfigError(f"{folder} holds no {HOST_TRACE} and no {RECORDS} (not an artifacts folder of a run)")
         guest = compressed_or_plain(folder / GUEST_TRACE)
         info = _read_json(folder / GUEST_TRACE_INFO, {})
         records = _read_json(folder / RECORDS, [])
@@ -105,7 +111,8 @@ class RunEvidence:
         nvme = sum(1 for d in devices if isinstance(d, dict) and d.get("kind") == "nvme") or 1
         viommu = any(isinstance(d, dict) and d.get("kind") == "virtio-iommu" for d in devices) or None
         return cls(host, guest, int(info.get("lost", 0)) if isinstance(info, dict) else 0, records, nvme, viommu,
-                   devices=[d for d in devices if isinstance(d, dict)] if isinstance(spec, dict) else None)
+                   devices=[d for d in devices if isinstance(d, dict)] if isinstance(spec, dict) else None,
+                   xen=("xen" in spec) if isinstance(spec, dict) and spec else None)
 
 
 def compressed_or_plain(path: Path) -> Path | None:
@@ -141,11 +148,16 @@ def check_evidence(ev: RunEvidence) -> Verdict:
 
     Raises OSError (from the trace parsers) when a trace file cannot be read.
     """
+    if ev.xen or (ev.xen is None and grant_applies(ev.records)):
+        return Verdict(reports=[GrantChecker(ev.records).finish()])
+    if ev.host_trace is None:
+        raise ConfigError("the run left no QEMU trace (trace.log) to check")
+    host_trace = ev.host_trace
     guest: list[GuestEvent] = list(parse_guest_file(ev.guest_trace)) if ev.guest_trace is not None else []
     nvme = ev.nvme_controllers <= 1
 
     def host() -> Iterator[Event]:
-        return parse_file(ev.host_trace)
+        return parse_file(host_trace)
 
     if _uses_virtio_iommu(ev, host):
         return _check_virtio_iommu_evidence(ev, guest, host, nvme)
@@ -294,7 +306,7 @@ def finish_vm(vm: VM, *, failures: list[str] | None = None, artifacts: Path | No
     ev = RunEvidence(vm.trace_log, guest_path, int(info.get("lost", 0)), calls,
                      sum(1 for d in vm.spec.devices if d.kind == "nvme") or 1,
                      any(d.kind == "virtio-iommu" for d in vm.spec.devices),
-                     devices=[d.to_table() for d in vm.spec.devices])
+                     devices=[d.to_table() for d in vm.spec.devices], xen=vm.spec.xen is not None)
     verdict = check_evidence(ev)
     verdict.failures.extend(failures or [])
     vm.path("verdict.json").write_text(json.dumps(verdict.to_dict(), indent=2))

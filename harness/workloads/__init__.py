@@ -20,9 +20,10 @@ from harness.workloads.base import WORKLOADS, Workload, WorkloadFailed
 from harness.workloads.iommufd import IommufdVfioNvme
 from harness.workloads.nvme import NvmePattern
 from harness.workloads.virtio import VirtioBlkPattern, VirtioMix, VirtioNetEcho
+from harness.workloads.xen import XenGrant
 
 __all__ = ["WORKLOADS", "AgentOps", "IommufdVfioNvme", "NvmePattern", "VirtioBlkPattern", "VirtioMix",
-           "VirtioNetEcho", "Workload", "WorkloadFailed", "workload_from_table"]
+           "VirtioNetEcho", "Workload", "WorkloadFailed", "XenGrant", "workload_from_table"]
 
 
 def workload_from_table(table: dict[str, Any]) -> Workload:
