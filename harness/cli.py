@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     images = sub.add_parser("images", help="build or show the guest images")
     isub = images.add_subparsers(dest="images", required=True)
-    b = isub.add_parser("build", help="build (or reuse) kernel, root filesystem and SSH key")
+    b = isub.add_parser("build", help="build (or reuse) kernel, root filesystem, SSH key and the Xen hypervisor")
     b.add_argument("--refresh", action="store_true", help="rebuild even if cached")
     b.add_argument("--patch", metavar="NAME", help="build only the kernel variant with the planted-bug patch "
                                                      "images/patches/NAME.patch (for the opt-in planted-bug tests)")
@@ -396,6 +396,7 @@ def cmd_images(args: argparse.Namespace) -> int:
     from harness.images.kernel import ensure_kernel, kernel_patches, recipe_key
     from harness.images.rootfs import base_key, ensure_initrd
     from harness.images.sshkey import ensure_ssh_key
+    from harness.images.xen import ensure_xen, xen_key
     cache = ImageCache(args.cache)
     if args.images == "build":
         if args.patch:  # a planted-bug kernel only (the rest is shared with the project's kernel)
@@ -405,14 +406,16 @@ def cmd_images(args: argparse.Namespace) -> int:
         kernel = ensure_kernel(cache, refresh=args.refresh)
         key = ensure_ssh_key(cache)
         initrd = ensure_initrd(cache, key, refresh=args.refresh)
+        xen = ensure_xen(cache, refresh=args.refresh)
         print(f"kernel:  {kernel.bzimage} ({kernel.origin})")
         print(f"initrd:  {initrd.path}")
         print(f"ssh key: {key.private}")
+        print(f"xen:     {xen.path} (Debian {xen.version})")
         return 0
     # show only looks: nothing is built, locked or created here.
     print(f"cache root: {cache.root}")
     print(f"recipes:    {recipes_dir()}")
-    for kind, entry_key in (("kernel", recipe_key()), ("rootfs", base_key())):
+    for kind, entry_key in (("kernel", recipe_key()), ("rootfs", base_key()), ("xen", xen_key())):
         state = "built" if cache.complete(kind, entry_key) else "not built"
         print(f"  {kind:7s} {cache.entry(kind, entry_key)}  [{state}]")
     for patch in kernel_patches():
