@@ -12,6 +12,7 @@ Modules:
   harness.difftest.vhost_net   the vhost-net device IOTLB target (harness.models.vhost_net)
   harness.difftest.vhost_vdpa  the vhost-vdpa IOTLB target (harness.models.vhost_vdpa)
   harness.difftest.iotlb    ``iotlb``: both vhost targets in one run
+  harness.difftest.grant    the Xen grant-table target (harness.models.grant), in a Xen dom0
 
 This module is the registry of targets: :data:`TARGETS` maps a model name to the
 module and class of its target, imported only when asked for.
@@ -32,6 +33,7 @@ TARGETS: dict[str, tuple[str, str]] = {
     "iotlb": ("harness.difftest.iotlb", "IotlbTarget"),
     "vhost-net": ("harness.difftest.vhost_net", "VhostNetTarget"),
     "vhost-vdpa": ("harness.difftest.vhost_vdpa", "VhostVdpaTarget"),
+    "grant": ("harness.difftest.grant", "GrantTarget"),
 }
 """Model name -> (module, class) of its :class:`~harness.difftest.engine.Target`."""
 

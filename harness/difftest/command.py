@@ -128,7 +128,12 @@ def run_command(args: argparse.Namespace, make_harness: Callable[[], Harness], *
     target = inputs.target
     with h.vm(target.machine(), name=f"difftest-{target.name}", trace=False, boot_timeout=BOOT_TIMEOUT) as vm:
         out(f"guest ready in {vm.boot_seconds or 0:.1f} s")
-        return _run(inputs, AgentExecutor(vm.agent), out)
+        # A target may need its own executor (``agent_executor(agent)``: e.g. the grant
+        # target waits for a kernel timer between steps); the others use AgentExecutor.
+        make_executor = getattr(target, "agent_executor", None)
+        agent_executor: Executor = make_executor(vm.agent) if make_executor is not None \
+            else AgentExecutor(vm.agent)
+        return _run(inputs, agent_executor, out)
 
 
 def _run(inputs: Inputs, executor: Executor, out: Echo) -> int:
@@ -147,6 +152,10 @@ def _run(inputs: Inputs, executor: Executor, out: Echo) -> int:
     except SystemStateError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_DIVERGENCE
+    executor_counters = getattr(executor, "counters", None)  # counts only the executor sees (e.g. timer runs)
+    if callable(executor_counters):
+        for name, n in executor_counters().items():
+            report.stats.counters[name] = report.stats.counters.get(name, 0) + int(n)
     return _finish(inputs, report, out)
 
 
