@@ -32,11 +32,16 @@ MAP_FAILED = ctypes.c_void_p(-1).value
 
 REGIONS: dict[int, int] = {}
 """user_va -> length in bytes of each region this agent mapped."""
+READ_ONLY: set[int] = set()
+"""Starts of the regions in REGIONS mapped without PROT_WRITE (e.g. a read-only
+gntdev mapping): ``mem.write`` refuses them instead of the agent dying of SIGSEGV."""
 
 
-def _region_of(user_va: int, length: int) -> None:
+def _region_of(user_va: int, length: int, write: bool = False) -> None:
     for base, size in REGIONS.items():
         if base <= user_va and user_va + length <= base + size:
+            if write and base in READ_ONLY:
+                raise ValueError(f"[{user_va:#x}, +{length:#x}) is in a read-only mapping")
             return
     raise ValueError(f"[{user_va:#x}, +{length:#x}) is not inside a region mapped by mem.map")
 
@@ -80,7 +85,7 @@ def write(user_va: int, data: str | None = None, pattern: int | None = None, len
     """Write ``data`` (hex) at ``user_va``, or ``length`` bytes of the deterministic
     pattern numbered ``pattern`` (see :func:`pattern_bytes`). Returns the sha256."""
     raw = bytes.fromhex(data) if data is not None else pattern_bytes(int(pattern or 0), int(length or 0))
-    _region_of(user_va, len(raw))
+    _region_of(user_va, len(raw), write=True)
     ctypes.memmove(user_va, raw, len(raw))
     return {"user_va": user_va, "length": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
 

@@ -30,7 +30,8 @@ domain's table), ``domid`` a Xen domain id, ``mfn``/``gfn`` frame numbers.
 
 A gntalloc or gntdev mapping is added to :data:`guest_agent.mem.REGIONS`, so
 ``mem.read``/``mem.write`` work through it.  A read-only mapping is registered
-too (for ``mem.read``): ``mem.write`` into it faults and kills the agent.
+too (for ``mem.read``) and marked in :data:`guest_agent.mem.READ_ONLY`, so
+``mem.write`` into it is refused rather than killing the agent.
 
 The gntalloc and gntdev fds are opened on first use and kept in
 :data:`guest_agent.kabi.FDS` (``fd.close`` of one releases what it holds, as
@@ -296,6 +297,8 @@ def _mmap(path: str, index: int, count: int, prot: int) -> dict[str, Any]:
         return record(ctypes.get_errno(), user_va=None)
     MAPPINGS[addr] = (path, length)
     mem.REGIONS[addr] = length
+    if not prot & PROT_WRITE:
+        mem.READ_ONLY.add(addr)
     return record(0, user_va=addr)
 
 
@@ -306,6 +309,7 @@ def _munmap(user_va: int, count: int) -> dict[str, Any]:
         return record(ctypes.get_errno())
     MAPPINGS.pop(user_va, None)
     mem.REGIONS.pop(user_va, None)
+    mem.READ_ONLY.discard(user_va)
     return record(0)
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.errors import GuestPanicked, QEMUExited
+from harness.errors import AgentError, GuestPanicked, QEMUExited
 from harness.vm.spec import xen_machine
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -45,6 +45,14 @@ def test_dom0_panic_is_reported_with_the_console_and_leaves_nothing(dma_harness,
         with vm:
             assert vm.agent.call("xen.info")["xen"]
             run_dir = vm.run_dir
+            # a write into a read-only grant mapping is refused by the agent, which survives it
+            g = vm.agent.call("xen.alloc", domid=0, count=1, writable=False)
+            m = vm.agent.call("xen.map", domid=0, refs=g["refs"])
+            ro = vm.agent.call("xen.mmap", index=m["index"], count=1, writable=False)
+            assert ro["errno"] == 0
+            with pytest.raises(AgentError, match="read-only mapping"):
+                vm.agent.call("mem.write", user_va=ro["user_va"], pattern=1, length=4096)
+            assert vm.agent.call("mem.read", user_va=ro["user_va"], length=4096, hex=True)["data"] == "00" * 4096
             vm.agent.call("panic", timeout=60)
     tail = "\n".join(info.value.console_tail)
     assert "Kernel panic" in tail or "Dom0 crashed" in tail or "sysrq" in tail.lower(), tail
