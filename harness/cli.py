@@ -1,4 +1,4 @@
-"""Command line: ``python -m harness {run,check,bench,images,doctor,soak,difftest}``.
+"""Command line: ``python -m harness {run,check,bench,images,doctor,soak,difftest,matrix,nightly-history}``.
 
 Exit status:
 
@@ -111,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(b)
     s = isub.add_parser("show", help="print what is cached where")
     _common(s)
+    k = isub.add_parser("key", help="print the harness's own recipe keys (kind key, one a line): what a CI "
+                                    "cache of the image folder is keyed by; nothing is built, locked or downloaded")
+    k.add_argument("--json", action="store_true", help="print them as one JSON object {kind: key}")
 
     check = sub.add_parser("check", help="replay a saved run (its artifacts folder) through every checker")
     check.add_argument("evidence", help="an artifacts folder of a run (trace.log, guest-trace.txt, records.json), "
@@ -135,6 +138,16 @@ def build_parser() -> argparse.ArgumentParser:
                                            "run), or write them as scenario files")
     matrix.add_argument("--write", metavar="FOLDER", help="write every runnable cell as FOLDER/<cell>.toml "
                                                           "(configs/matrix holds the project's copy)")
+
+    hist = sub.add_parser("nightly-history", help="append a pytest JUnit XML's verdicts to a history file "
+                                                  "(one JSON line a run) and print what changed since the "
+                                                  "previous run; exit 1 on a regression")
+    hist.add_argument("junit", help="the JUnit XML of a pytest run (pytest --junitxml=FILE)")
+    hist.add_argument("--history", required=True, metavar="FILE",
+                      help="the history file (JSON lines; created if missing)")
+    hist.add_argument("--label", action="append", default=[], metavar="NAME=VALUE",
+                      help="store NAME=VALUE with the run (e.g. the matrix entry); repeatable")
+    hist.add_argument("--dry-run", action="store_true", help="compare and print, but do not append")
 
     doc = sub.add_parser("doctor", help="check this machine: QEMU, KVM, build tools")
     _common(doc)
@@ -391,6 +404,8 @@ def cmd_bench_grant(args: argparse.Namespace) -> int:
 
 
 def cmd_images(args: argparse.Namespace) -> int:
+    if args.images == "key":
+        return cmd_images_key(args)
     _check_inputs(args)
     from harness.images.cache import ImageCache, recipes_dir
     from harness.images.kernel import ensure_kernel, kernel_patches, recipe_key
@@ -425,6 +440,50 @@ def cmd_images(args: argparse.Namespace) -> int:
     ssh_key = cache.path("ssh", "id_ed25519")
     print(f"  ssh key {ssh_key}  [{'present' if ssh_key.is_file() else 'not generated'}]")
     return 0
+
+
+def cmd_images_key(args: argparse.Namespace) -> int:
+    """``images key``: the recipe keys (:func:`harness.nightly.recipe_keys`), from the
+    packaged recipes alone (no cache is opened)."""
+    from harness.nightly import recipe_keys
+    keys = recipe_keys()
+    if args.json:
+        print(json.dumps(keys, sort_keys=True))
+    else:
+        for kind, key in keys.items():
+            print(f"{kind} {key}")
+    return 0
+
+
+def cmd_nightly_history(args: argparse.Namespace) -> int:
+    """Exit 0 when nothing regressed against the history's last run (or there was
+    none), 1 on a regression, 2 for bad input (see harness.nightly)."""
+    from harness.nightly import append_record, compare, last_record, read_junit, totals_line
+    labels: dict[str, str] = {}
+    for label in args.label:
+        name, eq, value = label.partition("=")
+        if not eq or not name:
+            raise ConfigError(f"--label {label!r} is not NAME=VALUE", key="--label")
+        labels[name] = value
+    history = Path(args.history)
+    previous = last_record(history)  # a bad history is refused before anything is appended
+    record = read_junit(Path(args.junit), labels=labels)
+    before = previous[0] if previous is not None else None
+    changes = compare(before, record)
+    if previous is None:
+        print(f"run of {record['date']}: first run in {history}, nothing to compare with")
+    else:
+        print(f"run of {record['date']} against {previous[0].get('date', '?')} ({history} line {previous[1]})")
+    print(totals_line(record, before))
+    for line in changes.notes:
+        print(f"note: {line}")
+    for line in changes.regressions:
+        print(f"REGRESSION: {line}")
+    if not args.dry_run:
+        append_record(history, record)
+    n = len(changes.regressions)
+    print(f"{n} regression{'' if n == 1 else 's'}" + ("" if args.dry_run else f"; run appended to {history}"))
+    return EXIT_DIVERGENCE if n else EXIT_OK
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -523,7 +582,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _sigterm)
     handlers = {"run": cmd_run, "images": cmd_images, "check": cmd_check, "doctor": cmd_doctor,
                 "soak": cmd_soak, "difftest": cmd_difftest,
-                "matrix": cmd_matrix}
+                "matrix": cmd_matrix, "nightly-history": cmd_nightly_history}
     try:
         if args.command == "bench":
             bench = {"boot": cmd_bench_boot, "iotlb": cmd_bench_iotlb, "pinning": cmd_bench_pinning,

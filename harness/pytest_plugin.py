@@ -19,7 +19,9 @@ evidence missing), with the reason, unless the test is marked ``dma_no_check``. 
 a failure (or with ``--dma-keep-artifacts``) a folder per test holds each VM's QEMU
 argv, console log, QMP log, both traces, op records, verdict and a config that
 reproduces the VM and replays the agent ops the test ran (``agent-ops`` workload).
-Each verdict's counts are attached to the JUnit XML as properties.
+Each verdict's status and counts are attached to the JUnit XML as properties
+(:func:`verdict_properties`: ``vm0.status``, ``vm0.guest-intent.status``,
+``vm0.guest-intent.translations_checked``, ...).
 Without QEMU the VM fixtures skip with the reason, unless DMA_HARNESS_REQUIRE_VM=1
 (CI), where they fail.
 """
@@ -151,6 +153,30 @@ class _Tracked:
         return self.finished.verdict if self.finished is not None else None
 
 
+def verdict_properties(vm_name: str, verdict: Verdict) -> list[tuple[str, object]]:
+    """The JUnit XML properties of one VM's verdict, as ``(name, value)`` pairs for
+    ``item.user_properties`` (pytest writes them into the test case's ``<properties>``):
+
+    * ``<vm>.status``: the verdict's status (``ok``, ``divergence``, ``inconclusive``);
+    * ``<vm>.failures``: how many failures of the system under test were seen
+      outside the checkers (data that did not verify, a guest panic, ...);
+    * ``<vm>.<checker>.status``: each checker's own status;
+    * ``<vm>.<checker>.<count>``: each of its counts (``vm0.guest-intent.translations_checked``,
+      ``vm0.xen-grant.grants``), in the checker's units;
+    * ``<vm>.version.<name>``: the versions the verdict names (QEMU, kernel), when it names any.
+
+    ``harness.nightly`` reads them back from the XML.
+    """
+    props: list[tuple[str, object]] = [(f"{vm_name}.status", verdict.status),
+                                       (f"{vm_name}.failures", len(verdict.failures))]
+    for name, version in sorted(verdict.versions.items()):
+        props.append((f"{vm_name}.version.{name}", version))
+    for r in verdict.reports:
+        props.append((f"{vm_name}.{r.checker}.status", r.status))
+        props.extend((f"{vm_name}.{r.checker}.{key}", value) for key, value in counts_dict(r.counts).items())
+    return props
+
+
 def _config_toml(vm: VM, nodeid: str) -> str:
     calls = [{"op": c["op"], "args": c["args"]} for c in vm.agent_calls]
     scen = Scenario(name=vm.name, machine=vm.spec, workload=AgentOps(ops=tuple(calls)),
@@ -189,10 +215,7 @@ def vm_factory(request: pytest.FixtureRequest, dma_harness: Harness) -> Iterator
                 if entry.vm.boot_seconds is not None:  # it booted: its run has evidence to judge
                     verdict = entry.finish()
                 if verdict is not None:
-                    for r in verdict.reports:
-                        for key, value in counts_dict(r.counts).items():
-                            request.node.user_properties.append((f"{entry.vm.name}.{r.checker}.{key}", value))
-                    request.node.user_properties.append((f"{entry.vm.name}.status", verdict.status))
+                    request.node.user_properties.extend(verdict_properties(entry.vm.name, verdict))
                 bad = verdict is not None and verdict.status != "ok"
                 if bad or _failed(request.node) or dma_harness.options.keep_artifacts:
                     dest = Path(dma_harness.options.artifacts) / _slug(request.node.nodeid) / entry.vm.name
