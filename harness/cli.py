@@ -147,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="the history file (JSON lines; created if missing)")
     hist.add_argument("--label", action="append", default=[], metavar="NAME=VALUE",
                       help="store NAME=VALUE with the run (e.g. the matrix entry); repeatable")
+    hist.add_argument("--keep", type=int, default=0, metavar="N",
+                      help="keep only the last N runs in the history file (default: all)")
     hist.add_argument("--dry-run", action="store_true", help="compare and print, but do not append")
 
     doc = sub.add_parser("doctor", help="check this machine: QEMU, KVM, build tools")
@@ -465,6 +467,8 @@ def cmd_nightly_history(args: argparse.Namespace) -> int:
         if not eq or not name:
             raise ConfigError(f"--label {label!r} is not NAME=VALUE", key="--label")
         labels[name] = value
+    if args.keep < 0:
+        raise ConfigError(f"--keep {args.keep} is negative: give a number of runs (0 keeps all)", key="--keep")
     history = Path(args.history)
     previous = last_record(history)  # a bad history is refused before anything is appended
     record = read_junit(Path(args.junit), labels=labels)
@@ -480,7 +484,7 @@ def cmd_nightly_history(args: argparse.Namespace) -> int:
     for line in changes.regressions:
         print(f"REGRESSION: {line}")
     if not args.dry_run:
-        append_record(history, record)
+        append_record(history, record, keep=args.keep)
     n = len(changes.regressions)
     print(f"{n} regression{'' if n == 1 else 's'}" + ("" if args.dry_run else f"; run appended to {history}"))
     return EXIT_DIVERGENCE if n else EXIT_OK

@@ -266,9 +266,11 @@ def last_record(path: Path) -> tuple[dict[str, Any], int] | None:
     return _check_record(value, where), lineno
 
 
-def append_record(path: Path, record: dict[str, Any]) -> None:
+def append_record(path: Path, record: dict[str, Any], *, keep: int = 0) -> None:
     """Append ``record`` to the history file ``path`` as one JSON line (the file and
     its folder are created if missing; a last line without its newline gets one).
+    ``keep`` > 0: afterwards only the last ``keep`` lines stay (the file is replaced
+    atomically).
 
     Raises:
         OSError: the file cannot be written.
@@ -282,6 +284,12 @@ def append_record(path: Path, record: dict[str, Any]) -> None:
             if fh.read(1) != b"\n":
                 line = "\n" + line
         fh.write(line.encode())
+    if keep > 0:
+        lines = [ln for ln in path.read_bytes().splitlines(keepends=True) if ln.strip()]
+        if len(lines) > keep:
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_bytes(b"".join(lines[-keep:]))
+            tmp.replace(path)
 
 
 @dataclass

@@ -235,6 +235,10 @@ def test_history_file_append_and_last(tmp_path):
     assert len(lines) == 3 and history.read_text().endswith("\n")
     rec, lineno = last_record(history)
     assert rec["date"] == "last" and lineno == 3
+    append_record(history, {**BASE, "date": "newest"}, keep=2)
+    assert [json.loads(ln)["date"] for ln in history.read_text().splitlines()] == ["last", "newest"]
+    append_record(history, {**BASE, "date": "more"}, keep=5)
+    assert len(history.read_text().splitlines()) == 3
 
 
 # --- the command ------------------------------------------------------------------------------
@@ -310,3 +314,5 @@ def test_bad_label_and_history_folder(tmp_path):
                           "--label 'x' is not NAME=VALUE")
     assert_one_line_error(run_cli("nightly-history", str(xml), "--history", str(tmp_path)), "not a regular file")
     assert_one_line_error(run_cli("nightly-history", str(xml)), "--history")
+    assert_one_line_error(run_cli("nightly-history", str(xml), "--history", str(tmp_path / "h"), "--keep", "-1"),
+                          "--keep -1 is negative")
