@@ -93,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     boot.add_argument("--trace", action="store_true",
                       help="boot with QEMU's and the guest kernel's tracing on (as runs do) and time collecting "
                            "the guest's trace")
+    boot.add_argument("--no-floor", action="store_true",
+                      help="skip the busybox floor (by default each round also boots a busybox initramfs with the "
+                           "same kernel and machine, and the overhead over it is printed)")
     _common(boot)
     it = bsub.add_parser("iotlb", help="IOTLB model operations per second at 1k/10k/100k maps")
     it.add_argument("--ops", type=int, default=20000)
@@ -343,7 +346,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_bench_boot(args: argparse.Namespace) -> int:
     _check_inputs(args)
+    from harness.bench import boot as boot_bench
     from harness.scenario import load_scenario
+    from harness.vm.machine import VM
     from harness.vm.spec import default_machine, xen_machine
     if args.config:
         spec = load_scenario(args.config).machine
@@ -356,27 +361,23 @@ def cmd_bench_boot(args: argparse.Namespace) -> int:
     print(f"accelerator: {accel.accel} ({accel.reason})")
     if spec.xen is not None:
         print(f"hypervisor: {h.images(spec).hypervisor} (dom0: the harness's kernel and initramfs)")
-    times = []
-    for i in range(args.runs):
-        with h.vm(spec, name=f"bench{i}", trace=args.trace) as vm:
-            assert vm.boot_seconds is not None
-            rtt = _median_seconds(lambda: vm.agent.call("ping", timeout=10))
-            times.append(vm.boot_seconds)
-            line = (f"boot {i + 1}/{args.runs}: {vm.boot_seconds:.2f}s to guest agent; "
-                    f"virtio-serial agent round trip median {rtt * 1000:.2f} ms")
-            if args.trace:
-                import time
-                t0 = time.perf_counter()
-                got = vm.agent.call("tracefs.collect", timeout=120)
-                line += (f"; guest trace collected in {(time.perf_counter() - t0) * 1000:.0f} ms "
-                         f"({got['bytes'] // 1024} KiB, {got['lost']} lost)")
-            if i == args.runs - 1:
-                vm.ssh()
-                ssh_rtt = _median_seconds(lambda: vm.ssh_run("true"), n=10)
-                line += f"; SSH exec round trip median {ssh_rtt * 1000:.1f} ms"
-            print(line)
-    print(f"boot time over {len(times)} boots (QEMU start -> guest agent answers): "
-          f"median {statistics.median(times):.2f}s, min {min(times):.2f}s, max {max(times):.2f}s")
+
+    def per_boot(i: int, vm: VM) -> str:
+        rtt = _median_seconds(lambda: vm.agent.call("ping", timeout=10))
+        line = f"; virtio-serial agent round trip median {rtt * 1000:.2f} ms"
+        if args.trace:
+            import time
+            t0 = time.perf_counter()
+            got = vm.agent.call("tracefs.collect", timeout=120)
+            line += (f"; guest trace collected in {(time.perf_counter() - t0) * 1000:.0f} ms "
+                     f"({got['bytes'] // 1024} KiB, {got['lost']} lost)")
+        if i == args.runs - 1:
+            vm.ssh()
+            ssh_rtt = _median_seconds(lambda: vm.ssh_run("true"), n=10)
+            line += f"; SSH exec round trip median {ssh_rtt * 1000:.1f} ms"
+        return line
+
+    boot_bench.run(h, spec, runs=args.runs, trace=args.trace, floor=not args.no_floor, per_boot=per_boot)
     return 0
 
 
