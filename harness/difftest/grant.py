@@ -1289,7 +1289,7 @@ class GrantExecutor(AgentExecutor):
     times in all); the last run's observations are returned.
 
     ``counters()``: "ambiguous ticks" (timer runs seen during a step outside a
-    window: the model is the same either way), "tick retries", "timer runs seen".
+    window: the model is the same either way), "tick retries", "timer runs during steps".
 
     Raises AgentError (an agent op failed), DifftestError (the guest cannot run the
     target), SystemStateError (the start state cannot be made canonical)."""
@@ -1303,7 +1303,7 @@ class GrantExecutor(AgentExecutor):
         self.attempts = attempts
         self.clock = clock
         self.sleep = sleep
-        self.counts: dict[str, int] = {"ambiguous ticks": 0, "tick retries": 0, "timer runs seen": 0}
+        self.counts: dict[str, int] = {"ambiguous ticks": 0, "tick retries": 0, "timer runs during steps": 0}
         self.info_checked = False
 
     def counters(self) -> dict[str, int]:
@@ -1349,7 +1349,7 @@ class GrantExecutor(AgentExecutor):
             self.counts["tick retries"] += 1
         for p, o in zip(planned, observations):
             seen = int(o.get("ticks_after", 0)) - int(o.get("ticks_before", 0))
-            self.counts["timer runs seen"] += seen
+            self.counts["timer runs during steps"] += seen
             if seen and not p.step.get("tick") and "quiet" not in p.predicted and "timer" not in p.predicted:
                 self.counts["ambiguous ticks"] += 1
         return observations

@@ -5,6 +5,8 @@ shrunk sequence."""
 
 from __future__ import annotations
 
+import errno
+
 import pytest
 
 from harness.difftest.engine import plan, replay_steps, search
@@ -52,6 +54,37 @@ def test_a_deferred_end_step_by_step(executor):
     report = replay_steps(target, executor, steps, mutant=None)  # the kernel and Xen must answer the same
     assert report.status == "ok", "\n".join(failure_lines(target, report))
     assert report.stats.compared == len(steps)
+
+
+def test_gntalloc_use_counts_and_gntdev_first_fit(executor):
+    """A DEALLOC of a page a gntalloc mmap holds ends nothing (the next ALLOC gets
+    the next ref) until that munmap; a second DEALLOC is EINVAL, a gntalloc mmap of
+    it ENOENT; a gntdev map of one page does not take a one-page gap (index 0 after
+    map 1 went), it goes after the last map."""
+    target = GrantTarget()
+    steps = [{"op": "grant", "domid": 0, "count": 1, "writable": True, "tick": False},
+             {"op": "amap", "group": 1, "page": 0, "count": 1, "tick": False},
+             {"op": "end", "group": 1, "page": 0, "count": 1, "tick": False},
+             {"op": "end", "group": 1, "page": 0, "count": 1, "tick": False},
+             {"op": "amap", "group": 1, "page": 0, "count": 1, "tick": False},
+             {"op": "grant", "domid": 0, "count": 1, "writable": True, "tick": False},
+             {"op": "aunmap", "amap": 1, "tick": False},
+             {"op": "grant", "domid": 0, "count": 1, "writable": False, "tick": False},
+             {"op": "map", "refs": [9], "writable": True, "tick": False},
+             {"op": "map", "refs": [8], "writable": False, "tick": False},
+             {"op": "unmap", "map": 1, "ioctl_first": False, "tick": False},
+             {"op": "map", "refs": [9], "writable": False, "tick": False},
+             {"op": "state", "tick": False}]
+    planned, error = plan(target, None, steps, abstract=False)
+    assert error is None
+    predicted = [p.predicted for p in planned]
+    assert [predicted[i]["errno"] for i in (2, 3, 4)] == [0, errno.EINVAL, errno.ENOENT]
+    assert predicted[5]["refs"] == [9] and predicted[7]["refs"] == [8]
+    assert [predicted[i]["gntdev_index"] for i in (8, 9, 11)] == [0, 0x1000, 0x2000]
+    assert predicted[12]["entries"] == [{"ref": 8, "active_domid": 0, "pin": 0x200, "shared_domid": 0, "flags": 0xD},
+                                        {"ref": 9, "active_domid": 0, "pin": 0x200, "shared_domid": 0, "flags": 0x9}]
+    report = replay_steps(target, executor, steps, mutant=None)
+    assert report.status == "ok", "\n".join(failure_lines(target, report))
 
 
 def test_a_mutant_diverges_with_a_short_sequence(executor):
