@@ -952,7 +952,17 @@ class GrantDriver:
     """The dom0 side of one grant sequence (guest agent ops ``xen.*``, ``mem.*``).
     Driven by :class:`GrantExecutor`: its setup has more phases than the engine's
     executor knows (the canonical free list), its teardown is formed from every
-    step's results, and it is told when the executor waited for the timer."""
+    step's results, and it is told when the executor waited for the timer.
+
+    A ``map`` step is MAP_GRANT_REF then mmap of the gntdev fd: in this PV dom0 the
+    mmap makes two Xen host maps per page (the user PTE, then the kernel's linear
+    address through ``set_foreign_p2m_mapping``'s ``kmap_ops``), measured as pin
+    0x2 (rw) / 0x200 (ro) per mmap of a ref; the model maps each page twice. The
+    munmap unmaps both (MMU notifier), whatever the order of munmap and
+    UNMAP_GRANT_REF. Values from earlier steps (gntalloc indexes, user VAs) are
+    taken from their results (:class:`Pending` when not read yet); gntdev indexes
+    are computed as the kernel does (:func:`gntdev_first_fit`) and the kernel's are
+    compared (``gntdev_index``)."""
 
     def __init__(self) -> None:
         self.bound_to_executor = False

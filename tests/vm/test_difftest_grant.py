@@ -6,6 +6,7 @@ shrunk sequence."""
 from __future__ import annotations
 
 import errno
+import hashlib
 
 import pytest
 
@@ -74,7 +75,18 @@ def test_gntalloc_use_counts_and_gntdev_first_fit(executor):
              {"op": "map", "refs": [8], "writable": False, "tick": False},
              {"op": "unmap", "map": 1, "ioctl_first": False, "tick": False},
              {"op": "map", "refs": [9], "writable": False, "tick": False},
-             {"op": "state", "tick": False}]
+             {"op": "state", "tick": False},
+             {"op": "copy", "tick": False, "segments": [
+                 {"to_ref": True, "ref": 8, "domid": 0, "offset": 0, "len": 16},  # a read-only grant
+                 {"to_ref": False, "ref": 9, "domid": 1, "offset": 0, "len": 16},  # no domain 1
+                 {"to_ref": False, "ref": 640, "domid": 0, "offset": 0, "len": 16},  # outside the table
+                 {"to_ref": False, "ref": 9, "domid": 1, "offset": 0, "len": 0},  # never issued
+                 {"to_ref": False, "ref": 9, "domid": 0, "offset": 16, "len": 32}]},
+             {"op": "copy", "tick": False, "segments": [
+                 {"to_ref": True, "ref": 9, "domid": 0, "offset": 0, "len": 16},
+                 {"to_ref": True, "ref": 9, "domid": 0, "offset": 4088, "len": 16}]},  # crosses the page
+             {"op": "amap", "group": 2, "page": 0, "count": 1, "tick": False},
+             {"op": "data", "write": ["gntalloc", 3, 0], "read": ["gntdev", 3, 0], "seed": 5, "tick": False}]
     planned, error = plan(target, None, steps, abstract=False)
     assert error is None
     predicted = [p.predicted for p in planned]
@@ -83,6 +95,9 @@ def test_gntalloc_use_counts_and_gntdev_first_fit(executor):
     assert [predicted[i]["gntdev_index"] for i in (8, 9, 11)] == [0, 0x1000, 0x2000]
     assert predicted[12]["entries"] == [{"ref": 8, "active_domid": 0, "pin": 0x200, "shared_domid": 0, "flags": 0xD},
                                         {"ref": 9, "active_domid": 0, "pin": 0x200, "shared_domid": 0, "flags": 0x9}]
+    assert predicted[13]["status"] == [-1, -2, -3, 0, 0] and predicted[13]["errno"] == 0
+    assert predicted[14]["status"] == [0, 1] and predicted[14]["errno"] == errno.EINVAL
+    assert predicted[16]["read_before"] == hashlib.sha256(bytes(4096)).hexdigest()  # the queued copy never ran
     report = replay_steps(target, executor, steps, mutant=None)
     assert report.status == "ok", "\n".join(failure_lines(target, report))
 
