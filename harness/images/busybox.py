@@ -52,13 +52,10 @@ def floor_key() -> str:
 
 def marker_uptime(console: str) -> float | None:
     """The guest uptime (seconds) in the floor's marker line of ``console`` text,
-    or None while the marker is not there (a partial last line does not count)."""
-    for line in console.splitlines(keepends=True):
-        if line.endswith("\n"):
-            m = _MARKER_RE.search(line)
-            if m:
-                return float(m.group(1))
-    return None
+    or None while the marker is not there (a marker still being written does not
+    match before its ``s uptime``, so its number is whole)."""
+    m = _MARKER_RE.search(console)
+    return float(m.group(1)) if m else None
 
 
 def write_floor_cpio(out: BinaryIO, busybox: bytes) -> None:

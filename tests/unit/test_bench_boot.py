@@ -50,10 +50,11 @@ def test_parse_loadavg() -> None:
         parse_loadavg("1.0\n")
 
 
-def test_marker_uptime_waits_for_a_whole_line() -> None:
+def test_marker_uptime_waits_for_the_whole_marker() -> None:
     console = "[    2.1] Run /init as init process\n"
     assert marker_uptime(console) is None
-    assert marker_uptime(console + f"{FLOOR_MARKER} 2.73s upt") is None  # still being written
+    assert marker_uptime(console + f"{FLOOR_MARKER} 2.7") is None  # still being written
+    assert marker_uptime(console + f"{FLOOR_MARKER} 2.73s upt") is None
     assert marker_uptime(console + f"{FLOOR_MARKER} 2.73s uptime\r\n") == 2.73
     assert marker_uptime(f"junk {FLOOR_MARKER} 3s uptime\n") == 3.0
 
