@@ -59,6 +59,7 @@ from harness.difftest.engine import (
     SystemStateError,
 )
 from harness.difftest.engine import format_value as default_format
+from harness.difftest.strategies import weighted
 from harness.models.pinning import (
     IOAS,
     MOCK_APERTURE_LAST,
@@ -212,39 +213,27 @@ def _probe_key(p: Probe) -> str:
 # the others index into what the state offers (IOASes, areas) modulo its size.
 
 
-def _weighted(*weights: int) -> st.SearchStrategy[int]:
-    """Kind i with probability about weights[i] / sum(weights); shrinks toward kind 0.
-    (Hypothesis draws the ends of a range far more often than the middle: the draw
-    is spread over 0..999 by a permutation that keeps 0 at 0.)"""
-    total = sum(weights)
-    bounds = [sum(weights[:i + 1]) * 1000 // total for i in range(len(weights))]
-
-    def kind(x: int) -> int:
-        spread = x * 7919 % 1000
-        return next(i for i, b in enumerate(bounds) if spread < b)
-
-    return st.integers(0, 999).map(kind)
 
 
 _sel = st.integers(0, 63)
 # IOAS argument: a live IOAS, a live IOAS that has areas, another object's id, 0, an unused id
-_ioas_sel = st.tuples(_weighted(60, 0, 2, 1, 1), _sel)
-_src_sel = st.tuples(_weighted(8, 50, 1, 1, 1), _sel)  # COPY's source, UNMAP: one with areas
+_ioas_sel = st.tuples(weighted(60, 0, 2, 1, 1), _sel)
+_src_sel = st.tuples(weighted(8, 50, 1, 1, 1), _sel)  # COPY's source, UNMAP: one with areas
 # user VA: a region page, + 2 KiB, + 1, past the region, its last pages, 0, the top of the space
-_va_sel = st.tuples(_weighted(24, 2, 1, 1, 1, 1, 1), _sel)
+_va_sel = st.tuples(weighted(24, 2, 1, 1, 1, 1, 1), _sel)
 # length: whole pages fitting the region, 0, 2 KiB multiples, unaligned, overflowing, past the region
-_len_sel = st.tuples(_weighted(24, 1, 2, 1, 1, 1), _sel)
+_len_sel = st.tuples(weighted(24, 1, 2, 1, 1, 1), _sel)
 # fixed iova (None: automatic); kinds in _resolve_iova; then a sub-page offset
-_sub_sel = _weighted(13, 2, 1)
-_iova_sel = st.one_of(st.none(), st.tuples(_weighted(6, 4, 3, 3, 2, 1, 2, 1, 1, 1), _sel, _sub_sel))
+_sub_sel = weighted(13, 2, 1)
+_iova_sel = st.one_of(st.none(), st.tuples(weighted(6, 4, 3, 3, 2, 1, 2, 1, 1, 1), _sel, _sub_sel))
 # (iova, length) over areas: kinds in _resolve_range; then a delta
-_delta_sel = _weighted(4, 2, 1, 1, 1)
-_range_sel = st.tuples(_weighted(10, 2, 2, 2, 2, 6, 1, 2, 1, 1, 1, 1, 1), _sel, _delta_sel)
-_copy_range_sel = st.tuples(_weighted(10, 2, 2, 3, 2, 1, 0, 3, 0, 1, 1, 0, 1), _sel, _delta_sel)
+_delta_sel = weighted(4, 2, 1, 1, 1)
+_range_sel = st.tuples(weighted(10, 2, 2, 2, 2, 6, 1, 2, 1, 1, 1, 1, 1), _sel, _delta_sel)
+_copy_range_sel = st.tuples(weighted(10, 2, 2, 3, 2, 1, 0, 3, 0, 1, 1, 0, 1), _sel, _delta_sel)
 # (readable, writeable): rw, r-, -w, --
-_prot_sel = _weighted(12, 3, 1, 1)
+_prot_sel = weighted(12, 3, 1, 1)
 # destroy: a live object (newest first), a mock device's selftest id, 0, an unused id
-_obj_sel = st.tuples(_weighted(3, 10, 1, 1), _sel)
+_obj_sel = st.tuples(weighted(3, 10, 1, 1), _sel)
 
 # An abstract step draws its op by weight (MAP most often, and the op Hypothesis
 # shrinks toward), then only the selectors that op uses: a choice no op reads would
@@ -252,7 +241,7 @@ _obj_sel = st.tuples(_weighted(3, 10, 1, 1), _sel)
 # (500) on nothing.
 ABSTRACT_OPS = ("map", "unmap", "copy", "mock_domain", "unmap_all", "destroy", "access_create", "access_rw",
                 "access_close", "ioas_alloc")
-_op_sel = _weighted(8, 6, 3, 2, 1, 1, 1, 2, 1, 1)
+_op_sel = weighted(8, 6, 3, 2, 1, 1, 1, 2, 1, 1)
 _OP_STEPS: tuple[st.SearchStrategy[tuple[Any, ...]], ...] = (
     st.tuples(st.just("map"), _ioas_sel, _va_sel, _len_sel, _iova_sel, _prot_sel),
     st.tuples(st.just("unmap"), _src_sel, _range_sel),
@@ -524,7 +513,7 @@ class PinningTarget:
         top = max(0, max_steps - 1)
         # half the sequences give IOAS 1 a mock domain at once: automatic iovas start
         # at PAGE_SIZE, outside the mock aperture, so a later MOCK_DOMAIN rarely fits
-        start = _weighted(1, 1).map(lambda k: [("ioas_alloc",), ("mock_domain", (0, 0))][:k + 1])
+        start = weighted(1, 1).map(lambda k: [("ioas_alloc",), ("mock_domain", (0, 0))][:k + 1])
         return st.tuples(start, rest).map(
             lambda sr: [*sr[0], *[s for c in sr[1] for s in c][:top + 1 - len(sr[0])], ("audit",)])
 

@@ -57,13 +57,20 @@ from typing import TYPE_CHECKING, Any
 
 from hypothesis import strategies as st
 
-from harness.difftest.engine import Call, DifftestError, Observation, Probe, Step, SystemStateError
+from harness.difftest.engine import (
+    Call,
+    DifftestError,
+    Observation,
+    Probe,
+    Step,
+    SystemStateError,
+)
 from harness.difftest.engine import format_value as default_format
+from harness.difftest.strategies import weighted
 from harness.models.iotlb import U64_MAX
 from harness.models.vhost_net import (
     INVALIDATE,
     MAX_IOTLB_ENTRIES,
-    MSG_SIZE,
     UPDATE,
     VHOST_IOTLB_MSG_V2,
     VIRTIO_F_ACCESS_PLATFORM,
@@ -155,32 +162,22 @@ def fill_digest(results: Sequence[tuple[int, int]]) -> str:
 # ---------------------------------------------------------------------- abstract steps
 
 
-def _weighted(*weights: int) -> st.SearchStrategy[int]:
-    """Kind i with probability about weights[i] / sum(weights); shrinks toward kind 0."""
-    total = sum(weights)
-    bounds = [sum(weights[:i + 1]) * 1000 // total for i in range(len(weights))]
-
-    def kind(x: int) -> int:
-        spread = x * 7919 % 1000
-        return next(i for i, b in enumerate(bounds) if spread < b)
-
-    return st.integers(0, 999).map(kind)
 
 
 _n = st.integers(0, 255)
-_read = _weighted(6, 1).map(lambda k: k == 0)
+_read = weighted(6, 1).map(lambda k: k == 0)
 # a range: kind (see _resolve_range), ring/map selector, two deltas
-_range = st.tuples(_weighted(10, 5, 5, 3, 4, 3, 2, 2, 4, 5, 1, 2, 2, 1, 24), _n, _n, _n)
+_range = st.tuples(weighted(10, 5, 5, 3, 4, 3, 2, 2, 4, 5, 1, 2, 2, 1, 24), _n, _n, _n)
 # UPDATE: range, uaddr kind (linear, kernel, overflow, anything with perm 0), perm kind
-_update = st.tuples(st.just("update"), _range, _weighted(30, 1, 1, 1), _weighted(12, 3, 3, 2, 1))
+_update = st.tuples(st.just("update"), _range, weighted(30, 1, 1, 1), weighted(12, 3, 3, 2, 1))
 # INVALIDATE: range (plus the size-0 and everything kinds of _resolve_range)
 _invalidate = st.tuples(st.just("invalidate"), _range)
 # the same range twice with two perms (equal starts: the lookup takes the older)
-_twice = st.tuples(st.just("twice"), _range, _weighted(3, 1, 1, 1), _weighted(3, 1, 1, 1))
+_twice = st.tuples(st.just("twice"), _range, weighted(3, 1, 1, 1), weighted(3, 1, 1, 1))
 # a malformed or unusual message: kind, range
-_odd = st.tuples(st.just("odd"), _weighted(2, 2, 2, 2, 2, 2, 2, 2, 2, 1), _range)
+_odd = st.tuples(st.just("odd"), weighted(2, 2, 2, 2, 2, 2, 2, 2, 2, 1), _range)
 _vq = st.integers(0, 1)
-_fill = st.tuples(st.just("fill"), _weighted(4, 2, 2, 1), _weighted(3, 2), _n)
+_fill = st.tuples(st.just("fill"), weighted(4, 2, 2, 1), weighted(3, 2), _n)
 _OPS: tuple[st.SearchStrategy[tuple[Any, ...]], ...] = (
     st.tuples(st.just("write"), st.lists(_update, min_size=1, max_size=3), _read),
     _invalidate.map(lambda i: ("write", [i], True)),
@@ -193,10 +190,10 @@ _OPS: tuple[st.SearchStrategy[tuple[Any, ...]], ...] = (
     st.tuples(st.just("read")),
     st.tuples(st.just("reset")),
 )
-_STEP = _weighted(30, 14, 14, 12, 4, 5, 4, 4, 2, 1).flatmap(lambda k: _OPS[k])
+_STEP = weighted(30, 14, 14, 12, 4, 5, 4, 4, 2, 1).flatmap(lambda k: _OPS[k])
 # ring placement: num, layout kind (own pages / packed), page permutation seed, offsets
-_placement = st.tuples(_weighted(3, 2, 3, 3, 2, 1), _weighted(3, 1), st.permutations(range(WINDOW_PAGES)),
-                       st.lists(_weighted(3, 2, 2), min_size=6, max_size=6), _n)
+_placement = st.tuples(weighted(3, 2, 3, 3, 2, 1), weighted(3, 1), st.permutations(range(WINDOW_PAGES)),
+                       st.lists(weighted(3, 2, 2), min_size=6, max_size=6), _n)
 _USED_RW = ("update", (15, 0, 0, 0), 0, 0)  # range kind 15: the used rings; linear uaddr; RW
 PROLOGUES: tuple[list[tuple[Any, ...]], ...] = (
     [],
@@ -464,7 +461,7 @@ class VhostNetTarget:
         chunk = st.lists(_STEP, min_size=0, max_size=4)
         rest = st.lists(chunk, min_size=1, max_size=8)
         top = max(0, max_steps - 1)
-        return st.tuples(_placement, _weighted(1, 1, 2), rest).map(
+        return st.tuples(_placement, weighted(1, 1, 2), rest).map(
             lambda pr: [("setup", *pr[0]), *PROLOGUES[pr[1]], *[s for c in pr[2] for s in c]][:top + 1] + AUDIT)
 
     # -- resolve ---------------------------------------------------------------

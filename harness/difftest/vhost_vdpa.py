@@ -50,8 +50,17 @@ from typing import TYPE_CHECKING, Any
 
 from hypothesis import strategies as st
 
-from harness.difftest.engine import Call, DifftestError, Observation, Probe, Step, SystemStateError
+from harness.difftest.engine import (
+    Call,
+    DifftestError,
+    Observation,
+    Probe,
+    Step,
+    SystemStateError,
+)
 from harness.difftest.engine import format_value as default_format
+from harness.difftest.strategies import weighted
+from harness.models.iotlb import U64_MAX
 from harness.models.vhost_vdpa import (
     F_DESC_ASID,
     F_IOTLB_ASID,
@@ -70,7 +79,6 @@ from harness.models.vhost_vdpa import (
     VhostVdpa,
     user_memory,
 )
-from harness.models.iotlb import U64_MAX
 from harness.models.vhost_vdpa_mutants import MUTANTS
 
 if TYPE_CHECKING:
@@ -178,31 +186,20 @@ def _probe_key(asid: int, iova: int, size: int) -> str:
     return f"asid {asid} [{iova:#x}, +{size:#x})"
 
 
-def _weighted(*weights: int) -> st.SearchStrategy[int]:
-    """Kind i with probability about weights[i] / sum(weights); shrinks toward 0
-    (the draw is spread over 0..999 by a permutation that keeps 0 at 0)."""
-    total = sum(weights)
-    bounds = [sum(weights[:i + 1]) * 1000 // total for i in range(len(weights))]
-
-    def kind(x: int) -> int:
-        spread = x * 7919 % 1000
-        return next(i for i, b in enumerate(bounds) if spread < b)
-
-    return st.integers(0, 999).map(kind)
 
 
 _n = st.integers(0, 63)
-_asid_sel = st.tuples(_weighted(10, 3, 1), _n)
-_iova_sel = st.tuples(_weighted(8, 4, 4, 3, 1, 1, 1, 3), _n)
-_size_sel = st.tuples(_weighted(10, 4, 1, 2, 1, 1), _n)
-_uaddr_sel = st.tuples(_weighted(10, 2, 1, 1, 2), _n)
-_perm_sel = _weighted(4, 3, 2, 1, 1, 1)
-_range_sel = st.tuples(_weighted(4, 5, 3, 3, 1, 2, 1, 1), _n)
-_features_sel = _weighted(8, 3, 2, 1, 1, 1, 1)
-_other_sel = _weighted(2, 1, 1, 1)
+_asid_sel = st.tuples(weighted(10, 3, 1), _n)
+_iova_sel = st.tuples(weighted(8, 4, 4, 3, 1, 1, 1, 3), _n)
+_size_sel = st.tuples(weighted(10, 4, 1, 2, 1, 1), _n)
+_uaddr_sel = st.tuples(weighted(10, 2, 1, 1, 2), _n)
+_perm_sel = weighted(4, 3, 2, 1, 1, 1)
+_range_sel = st.tuples(weighted(4, 5, 3, 3, 1, 2, 1, 1), _n)
+_features_sel = weighted(8, 3, 2, 1, 1, 1, 1)
+_other_sel = weighted(2, 1, 1, 1)
 
 ABSTRACT_OPS = ("update", "invalidate", "batch_begin", "batch_end", "features", "other", "reopen", "open2")
-_op_sel = _weighted(20, 12, 3, 3, 2, 1, 1, 1)
+_op_sel = weighted(20, 12, 3, 3, 2, 1, 1, 1)
 _OP_STEPS: tuple[st.SearchStrategy[tuple[Any, ...]], ...] = (
     st.tuples(st.just("update"), _asid_sel, _iova_sel, _size_sel, _uaddr_sel, _perm_sel),
     st.tuples(st.just("invalidate"), _asid_sel, _range_sel),
@@ -348,7 +345,7 @@ class VhostVdpaTarget:
         """Lists of 1..max_steps steps; most start by acking V2|BATCH|ASID (so
         asid 1 is reachable)."""
         steps = st.lists(_STEP, min_size=1, max_size=max_steps)
-        return st.tuples(_weighted(3, 1), steps).map(
+        return st.tuples(weighted(3, 1), steps).map(
             lambda t: ([("features", 0)] + t[1])[:max_steps] if t[0] == 0 else t[1])
 
     def resolve(self, model: VdpaModel, abstract: Any) -> Step:
