@@ -30,7 +30,7 @@ never QEMU's view. How dom0's operations become grant-table operations (Linux
 
 Counts: grants, maps (Xen host maps predicted), mmaps, ends, deferred ends,
 deferred freed, copy segments, data pages compared, Xen entries compared, ticks,
-ambiguous tick windows. Inconclusive when no grant, no map, or no Xen entry
+ambiguous tick windows, divergences. Inconclusive when no grant, no map, or no Xen entry
 was compared, when a dump could not be read, or when the records are not a
 Xen dom0's.
 """
@@ -73,6 +73,7 @@ class GrantCounts:
     ticks: int = 0
     ambiguous_tick_windows: int = 0
     ops: int = 0
+    divergences: int = 0
 
 
 def flatten_calls(calls: list[dict[str, Any]]) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -151,6 +152,7 @@ class GrantChecker:
                 window.append((line, call))
         self._close_window(window, None, None)
         c = self.state.counts
+        c.divergences = self.total
         if not self.xen_seen:
             self.inconclusive.append("no xen.info record says the guest ran on Xen")
         for what, n in (("grant", c.grants), ("Xen host map", c.maps), ("Xen grant entry", c.xen_entries_compared)):

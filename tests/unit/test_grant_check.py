@@ -101,6 +101,7 @@ def test_data_that_did_not_travel_is_a_data_divergence(calls):
     read["result"]["data"] = data.hex()
     report = GrantChecker(bad).finish()
     assert report.divergences_by_kind == {"data": 1}, report.format()
+    assert report.counts.divergences == 1
 
 
 def test_a_copy_status_that_differs_is_a_copy_divergence(calls):
