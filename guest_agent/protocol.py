@@ -1,10 +1,18 @@
-"""Request dispatch shared by every transport."""
+"""Request dispatch shared by every transport.
+
+Op modules are imported on first use, not at start: the agent's hello is what the
+host waits for at boot, and under TCG importing every module (ctypes structures,
+ioctl tables) costs about half a second of the guest's only vCPU. An op
+``"PREFIX.name"`` imports ``guest_agent.PREFIX`` if that module exists; any other
+unknown name imports every module once (:func:`load_all`) before it is reported
+unknown.
+"""
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
-import traceback
 from typing import Any, BinaryIO, Callable
 
 Handler = Callable[..., Any]
@@ -29,17 +37,52 @@ def handle(line: bytes) -> dict[str, Any]:
     return {"id": rid, **dispatch(name, args)}
 
 
-def dispatch(name: str, args: dict[str, Any]) -> dict[str, Any]:
-    """Run one op: ``{"ok": True, "result": ...}`` or ``{"ok": False, "error": {...}}``."""
+_ALL_LOADED = False
+_NOT_OP_MODULES = ("__main__", "protocol")
+
+
+def load_all() -> None:
+    """Import every module of the agent: each registers its ops with ``@op``."""
+    global _ALL_LOADED
+    if _ALL_LOADED:
+        return
+    for fname in sorted(os.listdir(os.path.dirname(__file__))):
+        stem, ext = os.path.splitext(fname)
+        if ext == ".py" and stem not in _NOT_OP_MODULES and stem.isidentifier():
+            importlib.import_module(f"{__package__}.{stem}")
+    _ALL_LOADED = True
+
+
+def lookup(name: str) -> Handler | None:
+    """The handler of op ``name``, importing the module that registers it if needed
+    (its prefix's module first, then every module); ``None`` if no module has it."""
     fn = OPS.get(name)
+    if fn is not None:
+        return fn
+    prefix, dot, _ = name.partition(".")
+    if dot and prefix.isidentifier() and prefix not in _NOT_OP_MODULES and os.path.isfile(
+            os.path.join(os.path.dirname(__file__), prefix + ".py")):
+        importlib.import_module(f"{__package__}.{prefix}")
+        fn = OPS.get(name)
     if fn is None:
-        return {"ok": False, "error": {"type": "UnknownOp", "message": f"unknown op {name!r}",
-                                       "known": sorted(OPS)}}
+        load_all()
+        fn = OPS.get(name)
+    return fn
+
+
+def dispatch(name: str, args: dict[str, Any]) -> dict[str, Any]:
+    """Run one op: ``{"ok": True, "result": ...}`` or ``{"ok": False, "error": {...}}``
+    (a module that fails to import is reported like a failing op, with its traceback)."""
     try:
+        fn = lookup(name)
+        if fn is None:
+            return {"ok": False, "error": {"type": "UnknownOp", "message": f"unknown op {name!r}",
+                                           "known": sorted(OPS)}}
         return {"ok": True, "result": fn(**args)}
     except OSError as exc:
         return {"ok": False, "error": {"type": type(exc).__name__, "errno": exc.errno, "message": str(exc)}}
     except Exception as exc:  # reported to the host, which raises AgentError
+        import traceback
         return {"ok": False, "error": {"type": type(exc).__name__, "message": str(exc),
                                        "traceback": traceback.format_exc()}}
 

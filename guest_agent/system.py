@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import ctypes
 import os
-import subprocess
 from typing import Any
 
 from guest_agent.protocol import op
@@ -46,6 +44,7 @@ def sysinfo() -> dict[str, Any]:
 
 @op("exec")
 def run(argv: list[str], timeout: float = 60.0, input: str | None = None) -> dict[str, Any]:
+    import subprocess  # imported on first use: not on the boot's critical path
     proc = subprocess.run(argv, input=input, capture_output=True, text=True, timeout=timeout)
     return {"argv": argv, "returncode": proc.returncode, "stdout": proc.stdout, "stderr": proc.stderr}
 
@@ -56,6 +55,7 @@ def poweroff() -> dict[str, Any]:
 
 
 def power_off() -> None:
+    import ctypes
     os.sync()
     libc = ctypes.CDLL(None, use_errno=True)
     libc.reboot(0x4321FEDC)  # LINUX_REBOOT_CMD_POWER_OFF
