@@ -45,6 +45,7 @@ from harness.errors import (
 from harness.workloads import WorkloadFailed
 
 if TYPE_CHECKING:
+    from harness.images.cache import ImageCache
     from harness.session import Harness
 
 EXIT_OK = 0
@@ -111,6 +112,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--refresh", action="store_true", help="rebuild even if cached")
     b.add_argument("--patch", metavar="NAME", help="build only the kernel variant with the planted-bug patch "
                                                      "images/patches/NAME.patch (for the opt-in planted-bug tests)")
+    b.add_argument("what", nargs="?", metavar="{" + ",".join(VERSIONED_IMAGES) + "}",
+                   help="build only this image, in the version given with --version (e.g. qemu --version 10.0)")
+    b.add_argument("--version", dest="image_version", metavar="VERSION",
+                   help="the version of the image named before it (qemu: 10.0, 7.2)")
+    b.add_argument("image", nargs="?", metavar="IMAGE",
+                   help="build only this image: kernel (the project's kernel of --version); default: all of them")
+    b.add_argument("--version", metavar="VERSION",
+                   help="with IMAGE (or --patch): the version to build (kernel: 6.12, the default, or 7.2)")
     _common(b)
     s = isub.add_parser("show", help="print what is cached where")
     _common(s)
@@ -163,9 +172,21 @@ def _harness(args: argparse.Namespace) -> Harness:
     from harness.options import HarnessOptions
     from harness.session import Harness
     _check_inputs(args)
-    return Harness(HarnessOptions.from_env(qemu=args.qemu, kernel=args.kernel, accel=args.accel, cache=args.cache,
+    qemu = _resolve_qemu_version(args)
+    return Harness(HarnessOptions.from_env(qemu=qemu, kernel=args.kernel, accel=args.accel, cache=args.cache,
                                            artifacts=getattr(args, "artifacts", None),
                                            keep_artifacts=getattr(args, "keep_artifacts", None)))
+
+
+def _resolve_qemu_version(args: argparse.Namespace) -> str | None:
+    """``--qemu`` (or ``DMA_HARNESS_QEMU``) as a binary path when it names a QEMU version
+    the harness provides (``10.0``; built into ``--cache`` if missing), else as given."""
+    from harness.images.cache import ImageCache
+    from harness.images.qemu import is_version_name, resolve_qemu_option
+    value = getattr(args, "qemu", None) or os.environ.get("DMA_HARNESS_QEMU") or None
+    if value is None or not is_version_name(value):
+        return getattr(args, "qemu", None)
+    return resolve_qemu_option(value, ImageCache(getattr(args, "cache", None))).path
 
 
 def _check_inputs(args: argparse.Namespace) -> None:
@@ -198,10 +219,17 @@ def _check_inputs(args: argparse.Namespace) -> None:
     if getattr(args, "artifacts", None):
         _check_folder("--artifacts", args.artifacts)
     if getattr(args, "qemu", None):
+        from harness.images.qemu import DEFAULT_NAME, is_version_name, qemu_key
         from harness.vm.machine import find_qemu
-        find_qemu(args.qemu)
+        if is_version_name(args.qemu) and args.qemu != DEFAULT_NAME:
+            qemu_key(args.qemu)  # a version the harness provides (built later, into --cache)
+        else:
+            find_qemu(args.qemu)
     if getattr(args, "evidence", None) is not None:
         _check_evidence(Path(args.evidence))
+    if getattr(args, "kernel", None):  # a version name the project does not build (a path is read later)
+        from harness.images.kernel import resolve_kernel_choice
+        resolve_kernel_choice(args.kernel)
 
 
 def _file_kind(path: Path) -> str:
@@ -406,10 +434,33 @@ def cmd_bench_grant(args: argparse.Namespace) -> int:
     return int(grant.main(["--ops", str(args.ops)]))
 
 
+def _build_qemu_version(args: argparse.Namespace, version: str) -> int:
+    """``images build qemu --version V``: the harness's build of QEMU ``V`` (harness/images/qemu.py)."""
+    from harness.images.cache import ImageCache
+    from harness.images.qemu import ensure_qemu
+    build = ensure_qemu(ImageCache(args.cache), version, refresh=args.refresh)
+    print(f"qemu {build.name}: {build.path} (key {build.key}; "
+          + ", ".join(f"{p} {v}" for p, v in build.packages.items()) + ")")
+    return 0
+
+
+VERSIONED_IMAGES: dict[str, Callable[[argparse.Namespace, str], int]] = {"qemu": _build_qemu_version}
+"""``images build WHAT --version V``: the builder of each image that comes in versions."""
+
+
 def cmd_images(args: argparse.Namespace) -> int:
     if args.images == "key":
         return cmd_images_key(args)
     _check_inputs(args)
+    what = getattr(args, "what", None)
+    if args.images == "build" and (what or getattr(args, "image_version", None)):
+        if what not in VERSIONED_IMAGES:
+            raise ConfigError(f"images build {what or ''}: name one of {', '.join(VERSIONED_IMAGES)} before "
+                              "--version" if not what else f"images build {what!r}: not one of "
+                              f"{', '.join(VERSIONED_IMAGES)}", key="images build")
+        if not args.image_version:
+            raise ConfigError(f"images build {what}: give --version (e.g. --version 10.0)", key="--version")
+        return VERSIONED_IMAGES[what](args, args.image_version)
     from harness.images.cache import ImageCache, recipes_dir
     from harness.images.kernel import ensure_kernel, kernel_patches, recipe_key
     from harness.images.rootfs import base_key, ensure_initrd
@@ -417,6 +468,15 @@ def cmd_images(args: argparse.Namespace) -> int:
     from harness.images.xen import ensure_xen, xen_key
     cache = ImageCache(args.cache)
     if args.images == "build":
+        image_builder = IMAGE_BUILDERS.get(args.image or "")
+        if args.image and image_builder is None:
+            raise ConfigError(f"images build {args.image!r}: not an image it builds (known: "
+                              f"{', '.join(sorted(IMAGE_BUILDERS))}; none for all of them)", key="IMAGE")
+        if image_builder is not None:
+            return image_builder(args, cache)
+        if args.version:
+            raise ConfigError("images build --version needs an IMAGE (images build kernel --version 7.2)",
+                              key="--version")
         if args.patch:  # a planted-bug kernel only (the rest is shared with the project's kernel)
             kernel = ensure_kernel(cache, refresh=args.refresh, patch=args.patch)
             print(f"kernel:  {kernel.bzimage} ({kernel.origin})")
@@ -440,16 +500,47 @@ def cmd_images(args: argparse.Namespace) -> int:
         entry_key = recipe_key(patch)
         state = "built" if cache.complete("kernel", entry_key) else f"not built: images build --patch {patch}"
         print(f"  kernel + {patch}.patch {cache.entry('kernel', entry_key)}  [{state}]")
+    from harness.images.kernel import DEFAULT_KERNEL_VERSION, KERNEL_SOURCES
+    for version, source in KERNEL_SOURCES.items():  # the other kernel versions the project builds
+        if version != DEFAULT_KERNEL_VERSION:
+            entry_key = recipe_key(version=version)
+            state = ("built" if cache.complete("kernel", entry_key)
+                     else f"not built: images build kernel --version {version}")
+            print(f"  kernel {version} ({source.package}) {cache.entry('kernel', entry_key)}  [{state}]")
     ssh_key = cache.path("ssh", "id_ed25519")
     print(f"  ssh key {ssh_key}  [{'present' if ssh_key.is_file() else 'not generated'}]")
+    from harness.images.qemu import QEMU_VERSIONS, qemu_key
+    for version in QEMU_VERSIONS:
+        entry_key = qemu_key(version)
+        state = "built" if cache.complete("qemu", entry_key) else f"not built: images build qemu --version {version}"
+        print(f"  qemu {version:<6s} {cache.entry('qemu', entry_key)}  [{state}]")
     return 0
+
+
+def _build_kernel_image(args: argparse.Namespace, cache: ImageCache) -> int:
+    """``images build kernel [--version V] [--patch NAME] [--refresh]``: the project's
+    kernel of one version (harness.images.kernel.KERNEL_SOURCES), or its planted-bug
+    variant; nothing else is built."""
+    from harness.images.kernel import ensure_kernel, resolve_kernel_choice
+    choice = resolve_kernel_choice(args.version, option="--version")
+    if choice.version is None:
+        raise ConfigError(f"--version {args.version!r} is not a kernel version name (6.12, 7.2)", key="--version")
+    kernel = ensure_kernel(cache, refresh=args.refresh, patch=args.patch, version=choice.version)
+    print(f"kernel:  {kernel.bzimage} ({kernel.origin})")
+    return 0
+
+
+IMAGE_BUILDERS: dict[str, Callable[[argparse.Namespace, ImageCache], int]] = {"kernel": _build_kernel_image}
+"""``images build IMAGE``: the builder of each image that can be built alone."""
 
 
 def cmd_images_key(args: argparse.Namespace) -> int:
     """``images key``: the recipe keys (:func:`harness.nightly.recipe_keys`), from the
     packaged recipes alone (no cache is opened)."""
     from harness.nightly import recipe_keys
+    from harness.images.qemu import QEMU_VERSIONS, qemu_key
     keys = recipe_keys()
+    keys.update({f"qemu-{version}": qemu_key(version) for version in QEMU_VERSIONS})  # images build qemu --version
     if args.json:
         print(json.dumps(keys, sort_keys=True))
     else:

@@ -11,7 +11,8 @@ from harness.vm.accel import ACCELS
 
 OPTION_HELP: dict[str, str] = {
     "qemu": "QEMU binary (default: $DMA_HARNESS_QEMU or qemu-system-x86_64 on PATH)",
-    "kernel": "boot this bzImage instead of the project's kernel (default: $DMA_HARNESS_KERNEL)",
+    "kernel": "boot this bzImage instead of the project's kernel, or a version the project builds "
+              "(6.12, the default, or 7.2; see harness.images.kernel.KERNEL_SOURCES) (default: $DMA_HARNESS_KERNEL)",
     "accel": "accelerator: auto (KVM only if a probe guest boots under it), tcg or kvm",
     "cache": "image cache folder (default: $DMA_HARNESS_CACHE or the user cache dir)",
     "artifacts": "folder for failure artifacts (default: artifacts)",
@@ -31,6 +32,10 @@ def check_env() -> None:
     accel = os.environ.get("DMA_HARNESS_ACCEL", "")
     if accel and accel not in ACCELS:
         raise ConfigError(f"DMA_HARNESS_ACCEL={accel!r} is not one of {', '.join(ACCELS)}", key="DMA_HARNESS_ACCEL")
+    kernel = os.environ.get("DMA_HARNESS_KERNEL", "")
+    if kernel:  # a version name must be one the project builds (a path is read when it is used)
+        from harness.images.kernel import resolve_kernel_choice
+        resolve_kernel_choice(kernel, option="DMA_HARNESS_KERNEL")
     for name in ENV_FLAGS:
         value = os.environ.get(name, "")
         if value not in ("", "1"):

@@ -11,7 +11,7 @@ from pathlib import Path
 from harness.errors import ConfigError
 
 from harness.images.cache import ImageCache
-from harness.images.kernel import KernelImage, check_kernel, ensure_kernel, read_user_kernel, user_kernel
+from harness.images.kernel import KernelImage, check_kernel, resolve_kernel_option, user_kernel
 from harness.images.rootfs import ensure_initrd
 from harness.images.sshkey import ensure_ssh_key
 from harness.images.xen import ensure_xen
@@ -41,7 +41,8 @@ class Harness:
             KernelConfigError: names each missing option and what needs it.
         """
         if self._kernel is None:
-            self._kernel = read_user_kernel(self.options.kernel) if self.options.kernel else ensure_kernel(self.cache)
+            # a version name (--kernel 7.2) is the project's build of it; anything else a bzImage path
+            self._kernel = resolve_kernel_option(self.options.kernel, self.cache)
         if spec is not None and self.options.kernel:
             check_kernel(self._kernel, spec.kernel_needs())
         return self._kernel
