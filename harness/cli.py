@@ -112,10 +112,6 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--refresh", action="store_true", help="rebuild even if cached")
     b.add_argument("--patch", metavar="NAME", help="build only the kernel variant with the planted-bug patch "
                                                      "images/patches/NAME.patch (for the opt-in planted-bug tests)")
-    b.add_argument("what", nargs="?", metavar="{" + ",".join(VERSIONED_IMAGES) + "}",
-                   help="build only this image, in the version given with --version (e.g. qemu --version 10.0)")
-    b.add_argument("--version", dest="image_version", metavar="VERSION",
-                   help="the version of the image named before it (qemu: 10.0, 7.2)")
     b.add_argument("image", nargs="?", metavar="IMAGE",
                    help="build only this image: kernel (the project's kernel of --version); default: all of them")
     b.add_argument("--version", metavar="VERSION",
@@ -434,33 +430,10 @@ def cmd_bench_grant(args: argparse.Namespace) -> int:
     return int(grant.main(["--ops", str(args.ops)]))
 
 
-def _build_qemu_version(args: argparse.Namespace, version: str) -> int:
-    """``images build qemu --version V``: the harness's build of QEMU ``V`` (harness/images/qemu.py)."""
-    from harness.images.cache import ImageCache
-    from harness.images.qemu import ensure_qemu
-    build = ensure_qemu(ImageCache(args.cache), version, refresh=args.refresh)
-    print(f"qemu {build.name}: {build.path} (key {build.key}; "
-          + ", ".join(f"{p} {v}" for p, v in build.packages.items()) + ")")
-    return 0
-
-
-VERSIONED_IMAGES: dict[str, Callable[[argparse.Namespace, str], int]] = {"qemu": _build_qemu_version}
-"""``images build WHAT --version V``: the builder of each image that comes in versions."""
-
-
 def cmd_images(args: argparse.Namespace) -> int:
     if args.images == "key":
         return cmd_images_key(args)
     _check_inputs(args)
-    what = getattr(args, "what", None)
-    if args.images == "build" and (what or getattr(args, "image_version", None)):
-        if what not in VERSIONED_IMAGES:
-            raise ConfigError(f"images build {what or ''}: name one of {', '.join(VERSIONED_IMAGES)} before "
-                              "--version" if not what else f"images build {what!r}: not one of "
-                              f"{', '.join(VERSIONED_IMAGES)}", key="images build")
-        if not args.image_version:
-            raise ConfigError(f"images build {what}: give --version (e.g. --version 10.0)", key="--version")
-        return VERSIONED_IMAGES[what](args, args.image_version)
     from harness.images.cache import ImageCache, recipes_dir
     from harness.images.kernel import ensure_kernel, kernel_patches, recipe_key
     from harness.images.rootfs import base_key, ensure_initrd
@@ -532,6 +505,23 @@ def _build_kernel_image(args: argparse.Namespace, cache: ImageCache) -> int:
 
 IMAGE_BUILDERS: dict[str, Callable[[argparse.Namespace, ImageCache], int]] = {"kernel": _build_kernel_image}
 """``images build IMAGE``: the builder of each image that can be built alone."""
+
+
+def _build_qemu_image(args: argparse.Namespace, cache: ImageCache) -> int:
+    """``images build qemu --version V [--refresh]``: the harness's build of QEMU ``V``
+    (harness.images.qemu.QEMU_VERSIONS); nothing else is built."""
+    from harness.images.qemu import QEMU_VERSIONS, ensure_qemu
+    if not args.version:
+        raise ConfigError(f"images build qemu needs --version ({', '.join(QEMU_VERSIONS)})", key="--version")
+    if args.patch:
+        raise ConfigError("images build qemu: --patch is for kernels", key="--patch")
+    build = ensure_qemu(cache, args.version, refresh=args.refresh)
+    print(f"qemu {build.name}: {build.path} (key {build.key}; "
+          + ", ".join(f"{p} {v}" for p, v in build.packages.items()) + ")")
+    return 0
+
+
+IMAGE_BUILDERS["qemu"] = _build_qemu_image
 
 
 def cmd_images_key(args: argparse.Namespace) -> int:
