@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import glob
 import os
+from collections.abc import Sequence
 from pathlib import Path
+from urllib.parse import unquote
 
 from harness.errors import ImageError
 from harness.images.cache import ImageCache
@@ -53,3 +55,47 @@ def download(cache: ImageCache, package: str, suite: str, *, log: Path) -> tuple
     if not debs:
         raise ImageError(f"apt-get download left no {package} .deb in {downloads}", log=str(log))
     return debs[-1], debs[-1].name.split("_")[1]
+
+
+def apt_options_suites(cache: ImageCache, suites: Sequence[str]) -> list[str]:
+    """``apt-get`` options for one private state holding several suites (main) at
+    once, under ``<cache>/apt/<suite>+<suite>/``; a package is then chosen from
+    one of them as ``PACKAGE/SUITE``."""
+    base = cache.path("apt", "+".join(sorted(suites)))
+    (base / "lists" / "partial").mkdir(parents=True, exist_ok=True)
+    (base / "archives" / "partial").mkdir(parents=True, exist_ok=True)
+    sources = base / "sources.list"
+    sources.write_text("".join(f"deb {DEBIAN_MIRROR} {suite} main\n" for suite in sorted(suites)))
+    return [
+        "-o", f"Dir::Etc::SourceList={sources}",
+        "-o", "Dir::Etc::SourceParts=/dev/null",
+        "-o", f"Dir::State::Lists={base / 'lists'}",
+        "-o", f"Dir::Cache::Archives={base / 'archives'}",
+        "-o", "Debug::NoLocking=1",
+        "-o", "APT::Sandbox::User=root",
+    ]
+
+
+def download_packages(cache: ImageCache, packages: Sequence[tuple[str, str]], suites: Sequence[str], *,
+                      dest: Path, log: Path) -> dict[str, tuple[Path, str]]:
+    """Download each ``(package, suite)``'s candidate of that suite into ``dest``
+    (created), with one private apt state holding ``suites`` (updated first).
+
+    Returns ``{package: (.deb path, Debian version)}``.
+
+    Raises:
+        ImageError: apt-get failed (the log is named) or left no .deb of a package.
+    """
+    apt = apt_options_suites(cache, suites)
+    dest.mkdir(parents=True, exist_ok=True)
+    run_step(f"apt-get update ({', '.join(sorted(suites))})", ["apt-get", *apt, "update"], log=log)
+    names = [f"{package}/{suite}" for package, suite in packages]
+    run_step(f"download {' '.join(p for p, _ in packages)}", ["apt-get", *apt, "download", *names],
+             log=log, cwd=dest)
+    out: dict[str, tuple[Path, str]] = {}
+    for package, _suite in packages:
+        debs = sorted(dest.glob(f"{package}_*.deb"))
+        if not debs:
+            raise ImageError(f"apt-get download left no {package} .deb in {dest}", log=str(log))
+        out[package] = (debs[-1], unquote(debs[-1].name.split("_")[1]))
+    return out

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import codecs
 import dataclasses
+import functools
 import gzip
 import io
 import lzma
@@ -46,7 +47,7 @@ import re
 import stat
 import typing
 import zlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import IO, Final, cast
@@ -63,6 +64,9 @@ from harness.trace.events import (
 )
 
 __all__ = [
+    "CompiledFormats",
+    "DEFAULT_FORMATS",
+    "EventFormat",
     "MAX_LINE_CHARS",
     "ParseStats",
     "TraceReadError",
@@ -163,17 +167,27 @@ _LENIENT: Final[dict[str, str]] = {
 }
 
 
-def _compile(cls: type[Event]) -> _Spec:
+def _compile(cls: type[Event], name: str | None = None, fmt: str | None = None,
+             overrides: Mapping[str, Arg] | None = None) -> _Spec:
     """Turn ``cls.FORMAT`` and its fields' :class:`Arg` into a :class:`_Spec`.
+
+    ``name``, ``fmt`` and ``overrides`` (field -> :class:`Arg`) replace the
+    class's trace name, format and field widths: how another QEMU version
+    prints the same event (:mod:`harness.trace.formats`).
 
     Raises ``TypeError`` if the class is inconsistent (a field missing from
     the format or given twice, a placeholder that is no field, a capturing
     group of the format's own): a programming error, caught at import.
     """
-    fmt = cls.FORMAT
+    fmt = cls.FORMAT if fmt is None else fmt
     if fmt is None:
         raise TypeError(f"{cls.__name__} has no FORMAT")
     args = _field_args(cls)
+    if overrides:
+        unknown = sorted(set(overrides) - set(args))
+        if unknown:
+            raise TypeError(f"{cls.__name__}: overrides name no field: {unknown}")
+        args.update(overrides)
     order: list[str] = []
 
     def placeholder(m: re.Match[str], lenient: bool) -> str:
@@ -195,20 +209,20 @@ def _compile(cls: type[Event]) -> _Spec:
     if strict.groups != len(order):
         raise TypeError(f"{cls.__name__}.FORMAT: use (?:...), not capturing groups")
     fields = tuple((name, args[name]) for name in order)
-    return _Spec(cls, strict.fullmatch, _make_builder(cls, fields, list(args)), fields,
+    return _Spec(cls, strict.fullmatch, _make_builder(cls, fields, list(args), name or cls.NAME), fields,
                  lenient.fullmatch)
 
 
-def _reject(cls: type[Event], lineno: int, raw: str, text: str, name: str, value: int,
+def _reject(trace_name: str, lineno: int, raw: str, text: str, name: str, value: int,
             arg: Arg) -> MalformedEvent:
     return MalformedEvent(
-        lineno, raw, cls.NAME, text,
+        lineno, raw, trace_name, text,
         f"{name} {value} does not fit its field ({arg.describe()})",
     )
 
 
 def _make_builder(cls: type[Event], groups: tuple[tuple[str, Arg], ...],
-                  field_order: list[str]) -> _Builder:
+                  field_order: list[str], trace_name: str) -> _Builder:
     """Compile ``(lineno, raw, match) -> cls(lineno, raw, *fields)`` with the
     conversions and range checks inlined (a generic loop over converter
     functions costs about as much as the regex match and the constructor
@@ -241,15 +255,15 @@ def _make_builder(cls: type[Event], groups: tuple[tuple[str, Arg], ...],
             if arg.optional:
                 cond = f"{g} is not None and ({cond})"
             body.append(f"    if {cond}:")
-            body.append(f"        return reject(cls, lineno, raw, m.string, {fname!r}, {g}, "
+            body.append(f"        return reject(trace_name, lineno, raw, m.string, {fname!r}, {g}, "
                         f"args[{fname!r}])")
             expr = g
         value_of[fname] = expr
     values = "".join(f", {value_of[name]}" for name in field_order)
     body.append(f"    return cls(lineno, raw{values})")
     source = "def build(lineno, raw, m):\n" + "\n".join(body) + "\n"
-    namespace: dict[str, object] = {"cls": cls, "reject": _reject, "args": dict(groups)}
-    exec(compile(source, f"<trace builder {cls.NAME}>", "exec"), namespace)  # noqa: S102
+    namespace: dict[str, object] = {"cls": cls, "reject": _reject, "args": dict(groups), "trace_name": trace_name}
+    exec(compile(source, f"<trace builder {trace_name}>", "exec"), namespace)  # noqa: S102
     return cast(_Builder, namespace["build"])
 
 
@@ -267,10 +281,53 @@ def _diagnose(spec: _Spec, args: str) -> str:
     return ""
 
 
-_SPECS: Final[dict[str, _Spec]] = {cls.NAME: _compile(cls) for cls in EVENT_CLASSES}
-_HOT: Final[dict[str, tuple[_Matcher, _Builder]]] = {
-    name: (spec.match, spec.build) for name, spec in _SPECS.items()
-}
+@dataclass(frozen=True)
+class EventFormat:
+    """How one QEMU version prints one event: its trace ``name``, the event class
+    it becomes, and, where they differ from the class's, the ``format`` and
+    field widths (``overrides``).  The class is what checkers dispatch on, so
+    an event renamed in a later QEMU (``virtio_iommu_device_reset`` ->
+    ``virtio_iommu_device_reset_exit``) still gives the same class."""
+
+    cls: type[Event]
+    name: str = ""
+    format: str | None = None
+    overrides: Mapping[str, Arg] = field(default_factory=dict)
+
+    @property
+    def trace_name(self) -> str:
+        return self.name or self.cls.NAME
+
+
+class CompiledFormats:
+    """A compiled table of event formats (one matcher and builder per trace name):
+    what :func:`parse_line` and :func:`parse_file` take as ``table``.
+
+    Raises ``TypeError`` (at construction) for an inconsistent entry or a name
+    given twice: a programming error."""
+
+    def __init__(self, entries: Iterable[EventFormat]) -> None:
+        specs: dict[str, _Spec] = {}
+        for entry in entries:
+            name = entry.trace_name
+            if name in specs:
+                raise TypeError(f"trace event {name} is given twice")
+            specs[name] = _compile(entry.cls, entry.name or None, entry.format, entry.overrides)
+        self.specs: Final[dict[str, _Spec]] = specs
+        self.hot: Final[dict[str, tuple[_Matcher, _Builder]]] = {
+            name: (spec.match, spec.build) for name, spec in specs.items()
+        }
+
+    @property
+    def names(self) -> frozenset[str]:
+        """Every trace event name of the table."""
+        return frozenset(self.specs)
+
+
+DEFAULT_FORMATS: Final = CompiledFormats(EventFormat(cls) for cls in EVENT_CLASSES)
+"""QEMU 7.2's formats (the event classes as they are): the table used when none is given."""
+_SPECS: Final[dict[str, _Spec]] = DEFAULT_FORMATS.specs
+_HOT: Final[dict[str, tuple[_Matcher, _Builder]]] = DEFAULT_FORMATS.hot
 
 _TS_PREFIX: Final = re.compile(r"[0-9]{1,10}@[0-9]{1,20}\.[0-9]{1,9}:").match
 _IDENT: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*").fullmatch
@@ -299,9 +356,11 @@ def _overlong(lineno: int, head: str, size: int) -> MalformedEvent:
     )
 
 
-def parse_line(line: str, lineno: int = 0) -> Event:
+def parse_line(line: str, lineno: int = 0, *, table: CompiledFormats | None = None) -> Event:
     """Turn one trace line into an :class:`~harness.trace.events.Event`.
 
+    ``table``: the event formats of the QEMU that wrote the line (default
+    :data:`DEFAULT_FORMATS`, QEMU 7.2's; :mod:`harness.trace.formats`).
     ``line`` may end with a newline (stripped from ``raw``).  Never raises:
     unknown names and non-trace lines give ``UnknownEvent``; known names with
     non-matching arguments or a value wider than its field, and lines longer
@@ -317,7 +376,7 @@ def parse_line(line: str, lineno: int = 0) -> Event:
             if m is not None:
                 body = body[m.end() :]
         name, _, args = body.partition(" ")
-        hot = _HOT.get(name)
+        hot = (_HOT if table is None else table.hot).get(name)
         if hot is None:
             if name.startswith(_NVME_ERR) and _IDENT(name):
                 return NvmeError(lineno, raw, name, args)
@@ -327,7 +386,8 @@ def parse_line(line: str, lineno: int = 0) -> Event:
         match, build = hot
         m = match(args.rstrip())
         if m is None:
-            return MalformedEvent(lineno, raw, name, args, _diagnose(_SPECS[name], args.rstrip()))
+            specs = _SPECS if table is None else table.specs
+            return MalformedEvent(lineno, raw, name, args, _diagnose(specs[name], args.rstrip()))
         return build(lineno, raw, m)
     except Exception:  # noqa: BLE001 - by contract: never raise on input
         text = line[:RAW_KEEP] if isinstance(line, str) else repr(line)[:RAW_KEEP]
@@ -398,20 +458,22 @@ class ParseStats:
 
 
 def parse_lines(
-    lines: Iterable[str], *, start: int = 1, stats: ParseStats | None = None
+    lines: Iterable[str], *, start: int = 1, stats: ParseStats | None = None,
+    table: CompiledFormats | None = None,
 ) -> Iterator[Event]:
     """Yield one event per line of ``lines`` (numbered from ``start``).
 
     A generator: memory does not grow with the input.  If ``stats`` is given
-    it is updated as lines are consumed.  Never raises on line content.
+    it is updated as lines are consumed.  ``table`` as for :func:`parse_line`.
+    Never raises on line content.
     """
     if stats is None:
         for lineno, line in enumerate(lines, start):
-            yield parse_line(line, lineno)
+            yield parse_line(line, lineno, table=table)
         return
     by_name = stats.by_name
     for lineno, line in enumerate(lines, start):
-        event = parse_line(line, lineno)
+        event = parse_line(line, lineno, table=table)
         stats.lines += 1
         name = event.NAME
         if name:
@@ -550,7 +612,8 @@ def _decode_error(name: str, fmt: str, exc: BaseException, lines: int) -> TraceR
 
 
 def parse_file(
-    path: str | os.PathLike[str], *, stats: ParseStats | None = None
+    path: str | os.PathLike[str], *, stats: ParseStats | None = None,
+    table: CompiledFormats | None = None,
 ) -> Iterator[Event]:
     """Yield the events of a trace file, streaming (line numbers start at 1).
 
@@ -562,6 +625,7 @@ def parse_file(
     :data:`MAX_LINE_CHARS` is skipped block by block and gives one
     ``MalformedEvent``.  If ``stats`` is given it is updated as lines are
     consumed (``truncated`` is set if the last line has no newline).
+    ``table``: the event formats of the QEMU that wrote it (:func:`parse_line`).
 
     Raises (from the generator) ``OSError`` if the file cannot be opened or
     read, and :class:`TraceReadError` if it is not a regular file (checked
@@ -574,10 +638,11 @@ def parse_file(
         stats = ParseStats()
     with ExitStack() as stack:
         fh, fmt = _open_binary(stack, name)
-        yield from _parse_stream(fh, name, fmt, stats)
+        yield from _parse_stream(fh, name, fmt, stats, table)
 
 
-def _parse_stream(fh: io.BufferedIOBase, name: str, fmt: str, stats: ParseStats) -> Iterator[Event]:
+def _parse_stream(fh: io.BufferedIOBase, name: str, fmt: str, stats: ParseStats,
+                  table: CompiledFormats | None = None) -> Iterator[Event]:
     """The events of the decompressed bytes of ``fh``, read in blocks.
 
     Each block is decoded at once and split on ``\\n``; the unfinished last
@@ -589,7 +654,8 @@ def _parse_stream(fh: io.BufferedIOBase, name: str, fmt: str, stats: ParseStats)
     """
     read = fh.read1
     decode = codecs.getincrementaldecoder("utf-8")("replace").decode
-    parse = parse_line
+    parse: Callable[[str, int], Event] = (
+        parse_line if table is None else functools.partial(parse_line, table=table))
     limit = MAX_LINE_CHARS
     by_name = stats.by_name
     lineno = 0
