@@ -28,6 +28,7 @@ Without QEMU the VM fixtures skip with the reason, unless DMA_HARNESS_REQUIRE_VM
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from collections.abc import Callable, Generator, Iterator
@@ -127,6 +128,7 @@ def dma_harness(pytestconfig: pytest.Config) -> Harness:
     except HarnessError as exc:
         pytest.fail(f"dma-harness cannot prepare guest images: {exc}", pytrace=False)
     pytestconfig.stash[HARNESS_KEY] = h
+    pytestconfig.add_cleanup(h.close)  # releases the cache entries it holds
     return h
 
 
@@ -136,7 +138,10 @@ def dma_images(dma_harness: Harness) -> BootImages:
 
 
 def _slug(nodeid: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", nodeid).strip("_")[:150]
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", nodeid).strip("_")
+    if len(slug) > 150:  # long ids that differ only past the cut (parametrized) keep their own folders
+        slug = slug[:133] + "-" + hashlib.sha256(nodeid.encode()).hexdigest()[:16]
+    return slug
 
 
 class _Tracked:

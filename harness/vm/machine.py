@@ -36,6 +36,7 @@ from typing import Any
 import paramiko
 
 from harness.errors import (
+    ConfigError,
     GuestBootTimeout,
     GuestHung,
     GuestPanicked,
@@ -75,10 +76,23 @@ def find_qemu(binary: str | None = None) -> str:
     Raises QEMUNotFound with the install hint when there is no such file, and
     VMError naming the path when it is there but not a file QEMU can run from
     (a directory, a file without execute permission).
+
+    A version name (``10.0``, ``default``) is the harness's build of that QEMU in
+    the default image cache, built if missing, and a folder holding
+    ``qemu-system-x86_64`` (a QEMU build folder) is that binary
+    (:func:`harness.images.qemu.resolve_qemu_option`, which also raises
+    ConfigError for an unknown version name).
     """
     name = binary or os.environ.get("DMA_HARNESS_QEMU") or "qemu-system-x86_64"
     if "\0" in name:
         raise VMError(f"QEMU binary {name!r} is not a valid path (it holds a NUL byte)")
+    from harness.images.qemu import BINARY as QEMU_BINARY, is_version_name
+    if is_version_name(name):  # "10.0", "default": the QEMU versions of harness/images/qemu.py
+        from harness.images.cache import ImageCache
+        from harness.images.qemu import resolve_qemu_option
+        return resolve_qemu_option(name, ImageCache()).path
+    if os.sep in name and (Path(name) / QEMU_BINARY).is_file():  # a QEMU build folder
+        name = str(Path(name) / QEMU_BINARY)
     if os.sep in name:  # a path: say what is wrong with it rather than "not found"
         candidate = Path(name)
         if candidate.is_dir():
@@ -129,6 +143,29 @@ def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def reserve_port(host: str = "127.0.0.1") -> socket.socket:
+    """A TCP port on ``host`` for QEMU's slirp ``hostfwd``, kept from other processes
+    until the returned socket is closed: it is bound with ``SO_REUSEADDR`` and never
+    listens. Linux then refuses the port to any other ``bind`` (so another harness
+    process picking a free port, e.g. a second pytest-xdist worker, never gets it)
+    except one that also sets ``SO_REUSEADDR`` and listens, which is what libslirp's
+    ``tcp_listen()`` (slirp/src/socket.c) does for the hostfwd rule; a second QEMU
+    listening on it would still fail (``Could not set up host forwarding rule``).
+    Port choice by Linux's ``inet_csk_get_port()`` (net/ipv4/inet_connection_sock.c):
+    a reuse-bound socket conflicts with a plain bind, not with a reuse listener.
+
+    Raises OSError when no port can be bound on ``host``.
+    """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, 0))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def _set_pdeathsig() -> None:
@@ -192,6 +229,7 @@ class VM:
         self._panic_what = "the guest kernel panicked"
         self._console_seen = 0  # bytes of console.log already scanned for crash signatures (Xen)
         self._console_carry = ""
+        self._port_hold: socket.socket | None = None  # keeps ssh_port ours (reserve_port) until close()
 
     # ------------------------------------------------------------------ context
     def __enter__(self) -> VM:
@@ -279,11 +317,17 @@ class VM:
         ctx = RenderContext(self.run_dir, self.accel)
         for d in self.spec.devices:
             d.setup(ctx)
-        if self.trace_events:
-            self.path("trace-events").write_text("\n".join(self.trace_events) + "\n")
+        if self.trace_events:  # as this QEMU names them (harness/vm/qemu_binary.py)
+            from harness.vm.qemu_binary import trace_events_for
+            events = list(self.trace_events)
+            with contextlib.suppress(ConfigError):  # not a QEMU that answers: its launch says what is wrong
+                events = trace_events_for(self.qemu, events)
+            self.path("trace-events").write_text("\n".join(events) + "\n")
         self.path("spec.json").write_text(json.dumps(self.spec.to_table(), indent=2, default=str))
         for attempt in range(attempts):
-            self.ssh_port = _free_port()
+            self._release_port()
+            self._port_hold = reserve_port()
+            self.ssh_port = int(self._port_hold.getsockname()[1])
             self.argv = self.build_argv()
             self.path("argv.json").write_text(json.dumps(self.argv, indent=1))
             try:
@@ -517,6 +561,13 @@ class VM:
         try:
             self.shutdown()
         finally:
+            self._release_port()
             if self.run_dir is not None:
                 shutil.rmtree(self.run_dir, ignore_errors=True)
                 self.run_dir = None
+
+    def _release_port(self) -> None:
+        """Give the SSH forwarding port back (see :func:`reserve_port`)."""
+        if self._port_hold is not None:
+            self._port_hold.close()
+            self._port_hold = None
