@@ -233,16 +233,32 @@ def missing_options(options: Mapping[str, str], required: Sequence[str] | None =
 
 
 def kernel_patches() -> list[str]:
-    """Names of the planted-bug patches in images/patches/ (``NAME.patch``)."""
+    """Names of the planted-bug patches in images/patches/ (``NAME.patch``; a
+    ``NAME@VERSION.patch`` beside it is that patch for another kernel version, not
+    another name)."""
     folder = recipes_dir() / "patches"
-    return sorted(p.name[:-len(".patch")] for p in folder.iterdir() if p.name.endswith(".patch")) \
-        if folder.is_dir() else []
+    return sorted(p.name[:-len(".patch")] for p in folder.iterdir()
+                  if p.name.endswith(".patch") and "@" not in p.name) if folder.is_dir() else []
 
 
-def _patch_file(name: str) -> bytes:
+def patch_file_name(name: str, version: str | None = None) -> str:
+    """The file of planted-bug patch ``name`` for kernel ``version`` (None: the
+    default): ``NAME@VERSION.patch`` when the source of that version needs its own
+    (the lines the patch touches differ), else ``NAME.patch``.
+
+    Raises ImageError for an unknown patch name.
+    """
     if name not in kernel_patches():
         raise ImageError(f"unknown kernel patch {name!r} (known: {', '.join(kernel_patches()) or 'none'})")
-    return (recipes_dir() / "patches" / f"{name}.patch").read_bytes()
+    source = kernel_source(version)
+    variant = f"{name}@{source.version}.patch"
+    if source.version != DEFAULT_KERNEL_VERSION and (recipes_dir() / "patches" / variant).is_file():
+        return variant
+    return f"{name}.patch"
+
+
+def _patch_file(name: str, version: str | None = None) -> bytes:
+    return (recipes_dir() / "patches" / patch_file_name(name, version)).read_bytes()
 
 
 def recipe_key(patch: str | None = None, version: str | None = None) -> str:
@@ -271,7 +287,7 @@ def recipe_key(patch: str | None = None, version: str | None = None) -> str:
         recipe["renamed"] = json.dumps(dict(source.renamed), sort_keys=True)
         recipe["gone"] = json.dumps(sorted(source.gone))
     if patch is not None:
-        recipe["patch"] = _patch_file(patch)
+        recipe["patch"] = _patch_file(patch, source.version)
     return content_key(recipe)
 
 
@@ -497,9 +513,10 @@ def _configure(build: Path, deb: Path, log: Path, patch: str | None, source: Ker
     shutil.rmtree(build / "deb")
     src = next(p for p in build.iterdir() if p.is_dir() and p.name.startswith("linux-source"))
     if patch is not None:
-        patch_path = build / f"{patch}.patch"
-        patch_path.write_bytes(_patch_file(patch))
-        run_step(f"apply {patch}.patch", ["patch", "-p1", "--forward", "-d", src, "-i", patch_path], log=log)
+        patch_name = patch_file_name(patch, source.version)
+        patch_path = build / patch_name
+        patch_path.write_bytes(_patch_file(patch, source.version))
+        run_step(f"apply {patch_name}", ["patch", "-p1", "--forward", "-d", src, "-i", patch_path], log=log)
     run_step("make defconfig", ["make", "-C", src, "defconfig"], log=log)
     run_step("make kvm_guest.config", ["make", "-C", src, "kvm_guest.config"], log=log)
     fragments = [recipes_dir() / "kernel.fragment"]
