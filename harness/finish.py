@@ -57,11 +57,14 @@ from harness.vm.virtio import expected_dma_devices
 from harness.errors import AgentError, ConfigError, VMError
 from harness.trace.events import VIRTIO_IOMMU_EVENT_CLASSES, Event
 from harness.trace.guest import GUEST_TRACE_EVENTS, GuestEvent, parse_guest_file
+from harness.trace.formats import DEFAULT_SERIES, FAMILIES, FormatChoice, device_families
 from harness.trace.parser import parse_file
 from harness.vm.machine import VM
 
 __all__ = ["GUEST_TRACE_EVENTS", "RunEvidence", "Finished", "check_evidence", "collect_guest_trace", "finish_vm"]
 
+QEMU_INFO = "qemu.json"
+"""The versions a run used and the trace format table chosen for its QEMU."""
 HOST_TRACE = "trace.log"
 GUEST_TRACE = "guest-trace.txt"
 GUEST_TRACE_INFO = "guest-trace.json"
@@ -90,6 +93,10 @@ class RunEvidence:
     have had something checked (:mod:`harness.checks.devices`).  None: unknown."""
     xen: bool | None = None
     """The machine booted Xen with the guest as dom0 (None: decide from the records)."""
+    formats: FormatChoice | None = None
+    """The trace format table of the QEMU that wrote ``host_trace`` and the event
+    families it could not vouch for (:mod:`harness.trace.formats`); None: unknown
+    (QEMU 7.2's table, as before versions were recorded)."""
 
     @classmethod
     def from_folder(cls, folder: Path) -> RunEvidence:
@@ -110,9 +117,16 @@ class RunEvidence:
         devices = spec.get("devices", []) if isinstance(spec, dict) else []
         nvme = sum(1 for d in devices if isinstance(d, dict) and d.get("kind") == "nvme") or 1
         viommu = any(isinstance(d, dict) and d.get("kind") == "virtio-iommu" for d in devices) or None
+        qemu = _read_json(folder / QEMU_INFO, None)
+        formats = None
+        if qemu is not None:
+            try:
+                formats = FormatChoice.from_dict(qemu.get("trace_formats", {}) if isinstance(qemu, dict) else {})
+            except ValueError as exc:
+                raise ConfigError(f"{folder / QEMU_INFO}: trace_formats: {exc}") from None
         return cls(host, guest, int(info.get("lost", 0)) if isinstance(info, dict) else 0, records, nvme, viommu,
                    devices=[d for d in devices if isinstance(d, dict)] if isinstance(spec, dict) else None,
-                   xen=("xen" in spec) if isinstance(spec, dict) and spec else None)
+                   xen=("xen" in spec) if isinstance(spec, dict) and spec else None, formats=formats)
 
 
 def compressed_or_plain(path: Path) -> Path | None:
@@ -156,11 +170,13 @@ def check_evidence(ev: RunEvidence) -> Verdict:
     guest: list[GuestEvent] = list(parse_guest_file(ev.guest_trace)) if ev.guest_trace is not None else []
     nvme = ev.nvme_controllers <= 1
 
+    table = ev.formats.table if ev.formats is not None else None
+
     def host() -> Iterator[Event]:
-        return parse_file(host_trace)
+        return parse_file(host_trace, table=table)
 
     if _uses_virtio_iommu(ev, host):
-        return _check_virtio_iommu_evidence(ev, guest, host, nvme)
+        return _require_formats(ev, _check_virtio_iommu_evidence(ev, guest, host, nvme))
     sync = SyncPairs.build(guest, host_sync_keys(host(), nvme=nvme),
                            nvme=nvme)
     vtd = VtdChecker()
@@ -190,7 +206,20 @@ def check_evidence(ev: RunEvidence) -> Verdict:
     if vdata is not None:
         reports.append(vdata.finish())
     _require_devices(ev, reports)
-    return Verdict(reports=reports)
+    return _require_formats(ev, Verdict(reports=reports))
+
+
+def _require_formats(ev: RunEvidence, verdict: Verdict) -> Verdict:
+    """Every report is inconclusive, with the reason, when a trace event family the
+    machine's checkers read (:func:`harness.trace.formats.device_families`) has no
+    format the harness knows for the QEMU that wrote the trace: never OK on a guess."""
+    if ev.formats is None:
+        return verdict
+    kinds = None if ev.devices is None else [str(d.get("kind")) for d in ev.devices]
+    reasons = ev.formats.reasons_for(device_families(kinds))
+    for report in verdict.reports:
+        report.inconclusive.extend(r for r in reasons if r not in report.inconclusive)
+    return verdict
 
 
 def _require_devices(ev: RunEvidence, reports: list[CheckReport]) -> None:
@@ -307,12 +336,19 @@ def finish_vm(vm: VM, *, failures: list[str] | None = None, artifacts: Path | No
                      sum(1 for d in vm.spec.devices if d.kind == "nvme") or 1,
                      any(d.kind == "virtio-iommu" for d in vm.spec.devices),
                      devices=[d.to_table() for d in vm.spec.devices], xen=vm.spec.xen is not None)
+    versions, ev.formats = run_versions(vm)
+    vm.path(QEMU_INFO).write_text(json.dumps({"versions": versions, "trace_formats": ev.formats.to_dict()},
+                                             indent=2))
     verdict = check_evidence(ev)
+    verdict.versions.update(versions)
     verdict.failures.extend(failures or [])
     vm.path("verdict.json").write_text(json.dumps(verdict.to_dict(), indent=2))
     result = Finished(verdict, notes=notes)
     if artifacts is not None and (keep or not verdict.ok):
         files: dict[str, Any] = {"verdict.json": verdict.to_dict(), "verdict.txt": verdict.format(), **(extra or {})}
+        files[QEMU_INFO] = vm.path(QEMU_INFO).read_text()
+        if isinstance(files.get("config.toml"), str):
+            files["config.toml"] = versions_comment(versions) + files["config.toml"]
         try:
             result.artifacts = vm.save_artifacts(artifacts, files)
         except OSError as exc:
@@ -327,3 +363,91 @@ def evidence_folder_or_trace(path: Path) -> RunEvidence:
         return RunEvidence.from_folder(path)
     return RunEvidence(path)
 
+
+
+# ---- versions (Verdict.versions, qemu.json, the config.toml header) ------------------------
+
+
+def _bzimage_version(path: Path) -> str | None:
+    """The version string of an x86 bzImage (the setup header's ``kernel_version``
+    pointer at 0x20e, the string at that pointer + 0x200: Documentation/arch/x86/boot.rst),
+    its first word (``6.12.95``); None when it is not readable."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(0x8000)
+        if head[0x202:0x206] != b"HdrS":
+            return None
+        offset = int.from_bytes(head[0x20E:0x210], "little") + 0x200
+        text = head[offset:offset + 256].split(b"\0", 1)[0].decode("ascii", "replace")
+        return text.split(" ", 1)[0] or None
+    except (OSError, IndexError):
+        return None
+
+
+def _entry_manifest(path: Path) -> dict[str, Any]:
+    """The ``manifest.json`` beside ``path`` when ``path`` is in an image cache entry, else {}."""
+    try:
+        data = json.loads((path.parent / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def run_versions(vm: VM) -> tuple[dict[str, str], FormatChoice]:
+    """What ``vm`` ran: ``{"qemu": version, "qemu.name"|"qemu.path": ..., "qemu.key":
+    ..., "qemu.trace_formats": series, "kernel": ..., "kernel.key": ..., "xen": ...,
+    "xen.key": ...}`` (keys present when known), and the trace format table for its
+    QEMU (:func:`harness.vm.qemu_binary.format_choice`). A QEMU that cannot be probed
+    gives a choice with every family unknown (the verdict is then inconclusive).
+    Never raises."""
+    from harness.images.qemu import build_of_binary
+    from harness.vm.qemu_binary import format_choice, probe_qemu
+
+    versions: dict[str, str] = {}
+    try:
+        probe = probe_qemu(vm.qemu)
+        choice = format_choice(vm.qemu)
+        versions["qemu"] = str(probe.version)
+    except ConfigError as exc:
+        reason = f"QEMU {vm.qemu} could not be probed for its version and trace events: {exc}"
+        choice = FormatChoice(DEFAULT_SERIES, "", {family: reason for family in sorted(FAMILIES)})
+    provided = build_of_binary(vm.qemu)
+    if provided is not None:
+        versions["qemu.name"] = provided.name
+        versions["qemu.key"] = provided.key
+    else:
+        versions["qemu.path"] = vm.qemu
+    versions["qemu.trace_formats"] = choice.series + (" (assumed)" if choice.assumed else "")
+    kernel = Path(vm.images.kernel)
+    kernel_version = _bzimage_version(kernel)
+    if kernel_version:
+        versions["kernel"] = kernel_version
+    manifest = _entry_manifest(kernel)
+    if manifest.get("key"):
+        versions["kernel.key"] = str(manifest["key"])
+    else:
+        versions["kernel.path"] = str(kernel)
+    if vm.spec.xen is not None and vm.images.hypervisor is not None:
+        manifest = _entry_manifest(Path(vm.images.hypervisor))
+        versions["xen"] = str(manifest.get("version", "?"))
+        if manifest.get("key"):
+            versions["xen.key"] = str(manifest["key"])
+        else:
+            versions["xen.path"] = str(vm.images.hypervisor)
+    return versions, choice
+
+
+def versions_comment(versions: dict[str, str]) -> str:
+    """TOML comment lines naming the versions of a run and the options that run it
+    again with the same QEMU and kernel (a harness-provided QEMU by its version name)."""
+    lines = ["# recorded with " + ", ".join(f"{k} {v}" for k, v in sorted(versions.items()))]
+    options = []
+    if "qemu.name" in versions:
+        options.append(f"--qemu {versions['qemu.name']}")
+    elif "qemu.path" in versions:
+        options.append(f"--qemu {versions['qemu.path']}")
+    if "kernel.path" in versions:
+        options.append(f"--kernel {versions['kernel.path']}")
+    if options:
+        lines.append("# run it again with the same QEMU: python -m harness run config.toml " + " ".join(options))
+    return "\n".join(lines) + "\n"
