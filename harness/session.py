@@ -8,12 +8,12 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from harness.errors import ConfigError
+from harness.errors import ConfigError, ImageError
 
-from harness.images.cache import ImageCache
+from harness.images.cache import EntryHold, ImageCache
 from harness.images.kernel import KernelImage, check_kernel, resolve_kernel_option, user_kernel
-from harness.images.rootfs import ensure_initrd
-from harness.images.sshkey import ensure_ssh_key
+from harness.images.rootfs import Initrd, ensure_initrd
+from harness.images.sshkey import SSHKey, ensure_ssh_key
 from harness.images.xen import ensure_xen
 from harness.options import HarnessOptions
 from harness.trace.guest import GUEST_TRACE_EVENTS
@@ -31,6 +31,7 @@ class Harness:
         self._kernel: KernelImage | None = None
         self._images: BootImages | None = None
         self._accel: dict[str, AccelChoice] = {}
+        self._holds: list[EntryHold] = []  # cache entries this session boots (see close())
 
     def kernel(self, spec: MachineSpec | None = None) -> KernelImage:
         """The session's kernel: the user's (``--kernel``), or the project's, built first
@@ -57,7 +58,7 @@ class Harness:
             kernel = self.kernel(spec or MachineSpec())
         if self._images is None:
             key = ensure_ssh_key(self.cache)
-            initrd = ensure_initrd(self.cache, key)
+            initrd = self._held_initrd(key)
             self._images = BootImages(self.kernel().bzimage, initrd.path, key.private, initrd.host_key)
         images = self._images
         if spec is not None and (spec.kernel or spec.initrd):
@@ -69,6 +70,30 @@ class Harness:
                 raise ConfigError(f"xen.hypervisor {str(hypervisor)!r} is not a file", key="xen.hypervisor")
             images = dataclasses.replace(images, hypervisor=hypervisor)
         return images
+
+    def _held_initrd(self, key: SSHKey) -> Initrd:
+        """The project's initrd, held in the cache for this session (ImageCache.hold),
+        so another process's prune of old initrds never removes the one this session
+        boots (several pytest-xdist workers, or checkouts with other guest agents,
+        sharing one cache).
+
+        Raises:
+            ImageError: the initrd was pruned by others three times in a row.
+        """
+        for _ in range(3):
+            initrd = ensure_initrd(self.cache, key)
+            hold = self.cache.hold("initrd", initrd.path.parent.name)
+            if hold is not None:
+                self._holds.append(hold)
+                return initrd
+        raise ImageError(f"the initrd {initrd.path.parent.name} was removed by another process "
+                         "each time it was built (cache prune race)")
+
+    def close(self) -> None:
+        """Release the cache entries this session held (also released when the
+        process exits); the session's images may be pruned by others afterwards."""
+        while self._holds:
+            self._holds.pop().close()
 
     def accel(self, requested: str | None = None) -> AccelChoice:
         """Resolve the accelerator; the session option overrides ``auto`` in a spec."""
@@ -82,6 +107,8 @@ class Harness:
         """A VM for ``spec`` (not started: use it as a context manager). With
         ``trace``, QEMU's trace events and the guest kernel's (from boot) are recorded."""
         images = self.images(spec)
+        for hold in self._holds:
+            hold.touch()  # just used: an age-ordered prune keeps it
         trace = trace and spec.xen is None  # under Xen the evidence is dom0's op records and Xen's dumps
         return VM(spec, images, accel=self.accel(spec.accel).accel, qemu=self.qemu,
                   trace_events=TRACE_EVENTS if trace else (),

@@ -5,6 +5,15 @@ The root is, in order: an explicit path (``--dma-cache``, ``--cache``), the
 (``~/.cache/dma-harness`` on Linux). An entry is built in a temporary sibling
 directory and renamed into place, under an exclusive ``flock`` on
 ``<kind>/<key>.lock``, so concurrent runs never see half-built entries.
+
+Concurrency (several harness processes at once: pytest-xdist workers, two
+checkouts sharing one cache): two processes asking for the same missing entry
+serialize on its lock; the first builds it, the second waits and then finds it
+complete. A process that boots an entry holds it (:meth:`ImageCache.hold`, a
+shared ``flock`` on the entry's ``manifest.json``) and :meth:`ImageCache.prune`
+never removes a held entry. Locks are ``flock(2)`` locks: the kernel drops them
+when the process dies, so a killed run leaves no stale lock (the lock files
+themselves stay, empty).
 """
 
 from __future__ import annotations
@@ -139,3 +148,104 @@ class ImageCache:
             tmp.rename(final)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+
+    def hold(self, kind: str, key: str) -> EntryHold | None:
+        """Mark the complete entry ``kind/key`` as in use by this process until the
+        returned hold is closed (a shared ``flock`` on its ``manifest.json``; any
+        number of processes may hold one entry). Holding also touches the manifest,
+        so an age-ordered prune counts the entry as just used.
+
+        Returns None when the entry is not complete, or was removed while this call
+        waited for a prune that held it: the caller ensures (rebuilds) it again.
+        Blocks while :meth:`prune` is deciding about this very entry (milliseconds).
+        """
+        manifest = self.entry(kind, key) / "manifest.json"
+        try:
+            fd = os.open(manifest, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            opened = os.fstat(fd)
+            try:
+                now = os.stat(manifest)
+            except FileNotFoundError:
+                now = None
+            if now is None or (now.st_dev, now.st_ino) != (opened.st_dev, opened.st_ino):
+                os.close(fd)  # pruned (or rebuilt) between our open and our lock
+                return None
+            os.utime(manifest)
+        except BaseException:
+            os.close(fd)
+            raise
+        return EntryHold(manifest, fd)
+
+    def prune(self, kind: str, keep: int) -> list[Path]:
+        """Remove the complete entries of ``kind`` but the ``keep`` most recently
+        built or held (by ``manifest.json`` mtime), skipping every entry some live
+        process holds (:meth:`hold`). Returns the removed entry paths.
+
+        An entry is taken with a non-blocking exclusive ``flock`` on its manifest,
+        renamed aside (so it stops being complete at once) and then deleted.
+        """
+        folder = self.root / kind
+        if not folder.is_dir():
+            return []
+        entries = []
+        for d in folder.iterdir():
+            with contextlib.suppress(OSError):
+                if "." not in d.name and d.is_dir() and not d.is_symlink():  # not NAME.tmp-PID, NAME.pruned-PID
+                    entries.append((os.stat(d / "manifest.json").st_mtime, d))
+        entries.sort(key=lambda pair: pair[0], reverse=True)
+        removed = []
+        for _, old in entries[max(keep, 0):]:
+            try:
+                fd = os.open(old / "manifest.json", os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                continue
+            try:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # held: a live process is about to boot it, or is booting it
+                doomed = old.with_name(f"{old.name}.pruned-{os.getpid()}")
+                try:
+                    old.rename(doomed)
+                except OSError:
+                    continue  # another process pruned it first
+                shutil.rmtree(doomed, ignore_errors=True)
+                removed.append(old)
+            finally:
+                os.close(fd)
+        return removed
+
+
+class EntryHold:
+    """A cache entry held in use (see :meth:`ImageCache.hold`); ``close()`` (or leaving
+    the ``with`` block) releases it, as does the process's exit."""
+
+    def __init__(self, manifest: Path, fd: int):
+        self.entry = manifest.parent
+        self._fd: int | None = fd
+
+    def __repr__(self) -> str:
+        return f"EntryHold({str(self.entry)!r}, {'released' if self._fd is None else 'held'})"
+
+    def touch(self) -> None:
+        """Mark the entry as just used (its manifest's mtime: what an age-ordered
+        prune sorts by); a no-op once released or if the entry is gone."""
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.utime(self._fd)
+
+    def close(self) -> None:
+        """Release the hold; idempotent."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> EntryHold:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
