@@ -38,7 +38,7 @@ from typing import Any
 import pytest
 
 from harness.checks.verdict import Verdict, counts_dict
-from harness.finish import Finished, finish_vm
+from harness.finish import QEMU_INFO, Finished, finish_vm, versions_comment
 from harness.errors import ConfigError, HarnessError, QEMUNotFound
 from harness.scenario import Scenario
 from harness.options import ACCELS, OPTION_HELP, HarnessOptions
@@ -48,11 +48,13 @@ from harness.vm.spec import MachineSpec, default_machine
 from harness.workloads import AgentOps
 
 HARNESS_KEY = pytest.StashKey[Harness]()
+MATRIX_HARNESSES_KEY = pytest.StashKey[dict[str, Harness]]()  # one per --dma-qemu value of a matrix
 REPORTS_KEY = pytest.StashKey[dict[str, pytest.TestReport]]()  # "nodeid::when" -> report
 
 # name, ini/option help, default, kind ("store" or "store_true"); each is --dma-NAME and ini dma_NAME
 OPTIONS: tuple[tuple[str, str, Any, str], ...] = (
-    ("qemu", OPTION_HELP["qemu"], None, "store"),
+    ("qemu", OPTION_HELP["qemu"] + "; a version name (10.0) is the harness's build of it; repeat the "
+             "option to run every VM test once per QEMU (test ids gain [qemu-VALUE])", None, "append"),
     ("kernel", OPTION_HELP["kernel"], None, "store"),
     ("accel", OPTION_HELP["accel"], None, "store"),
     ("cache", OPTION_HELP["cache"], None, "store"),
@@ -75,7 +77,54 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def _option(config: pytest.Config, name: str) -> Any:
     ini = "dma_" + name.replace("-", "_")
     value = config.getoption(ini)
+    if isinstance(value, list):  # a repeatable option (a version matrix): the session's default is the first
+        value = value[0] if value else None
     return value if value is not None else config.getini(ini)
+
+
+# ---- version matrix: --dma-qemu A --dma-qemu B ----------------------------------------------
+
+MATRIX_OPTIONS: tuple[str, ...] = ("qemu",)
+"""Repeatable options whose values form a matrix: with two or more values, every test
+using ``dma_harness`` runs once per value (fixture ``dma_matrix_<name>``, test id
+``[<name>-<value>]``); with one value (or none) nothing is parametrized."""
+
+
+def matrix_values(config: pytest.Config, name: str) -> list[str]:
+    """The distinct values given for the repeatable option ``--dma-<name>``, in order."""
+    values = config.getoption("dma_" + name) or []
+    return list(dict.fromkeys(v for v in values if v))
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "dma_harness" not in metafunc.fixturenames:
+        return
+    for name in MATRIX_OPTIONS:
+        values = matrix_values(metafunc.config, name)
+        if len(values) > 1:
+            metafunc.parametrize(f"dma_matrix_{name}", values, indirect=True, scope="session",
+                                 ids=[f"{name}-{v}" for v in values])
+
+
+@pytest.fixture(scope="session")
+def dma_matrix_qemu(request: pytest.FixtureRequest) -> str | None:
+    """The QEMU of this test's column of the matrix (``--dma-qemu`` given twice or
+    more), or None without a matrix (the session's QEMU)."""
+    value: str | None = getattr(request, "param", None)
+    return value
+
+
+def _resolve_versions(options: HarnessOptions) -> HarnessOptions:
+    """``options`` with a QEMU version name (``10.0``) replaced by the path of the
+    harness's build of it in the options' cache, built first if missing
+    (:func:`harness.images.qemu.resolve_qemu_option`)."""
+    import dataclasses
+
+    from harness.images.cache import ImageCache
+    from harness.images.qemu import is_version_name, resolve_qemu_option
+    if options.qemu and is_version_name(options.qemu):
+        options = dataclasses.replace(options, qemu=resolve_qemu_option(options.qemu, ImageCache(options.cache)).path)
+    return options
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -114,11 +163,19 @@ def _failed(item: pytest.Item) -> bool:
 
 
 @pytest.fixture(scope="session")
-def dma_harness(pytestconfig: pytest.Config) -> Harness:
-    if HARNESS_KEY in pytestconfig.stash:
+def dma_harness(pytestconfig: pytest.Config, dma_matrix_qemu: str | None) -> Harness:
+    if dma_matrix_qemu is not None:  # one session Harness per QEMU of the matrix
+        harnesses = pytestconfig.stash.setdefault(MATRIX_HARNESSES_KEY, {})
+        if dma_matrix_qemu in harnesses:
+            return harnesses[dma_matrix_qemu]
+    elif HARNESS_KEY in pytestconfig.stash:
         return pytestconfig.stash[HARNESS_KEY]
     options = _options(pytestconfig)
+    if dma_matrix_qemu is not None:
+        import dataclasses
+        options = dataclasses.replace(options, qemu=dma_matrix_qemu)
     try:
+        options = _resolve_versions(options)
         h = Harness(options)
         h.images()
     except QEMUNotFound as exc:
@@ -127,7 +184,10 @@ def dma_harness(pytestconfig: pytest.Config) -> Harness:
         pytest.skip(str(exc))
     except HarnessError as exc:
         pytest.fail(f"dma-harness cannot prepare guest images: {exc}", pytrace=False)
-    pytestconfig.stash[HARNESS_KEY] = h
+    if dma_matrix_qemu is not None:
+        pytestconfig.stash[MATRIX_HARNESSES_KEY][dma_matrix_qemu] = h
+    else:
+        pytestconfig.stash[HARNESS_KEY] = h
     pytestconfig.add_cleanup(h.close)  # releases the cache entries it holds
     return h
 
@@ -228,6 +288,9 @@ def vm_factory(request: pytest.FixtureRequest, dma_harness: Harness) -> Iterator
                     extra: dict[str, Any] = {"config.toml": _config_toml(entry.vm, request.node.nodeid)}
                     if verdict is not None:
                         extra.update({"verdict.json": verdict.to_dict(), "verdict.txt": verdict.format()})
+                        extra["config.toml"] = versions_comment(verdict.versions) + extra["config.toml"]
+                        if entry.vm.run_dir is not None and entry.vm.path(QEMU_INFO).is_file():
+                            extra[QEMU_INFO] = entry.vm.path(QEMU_INFO).read_text()
                     entry.vm.save_artifacts(dest, extra)
                 if bad and not no_check:
                     assert verdict is not None
