@@ -531,6 +531,9 @@ def cmd_images_key(args: argparse.Namespace) -> int:
     from harness.images.qemu import QEMU_VERSIONS, qemu_key
     keys = recipe_keys()
     keys.update({f"qemu-{version}": qemu_key(version) for version in QEMU_VERSIONS})  # images build qemu --version
+    from harness.images.kernel import DEFAULT_KERNEL_VERSION, KERNEL_SOURCES, recipe_key
+    keys.update({f"kernel-{version}": recipe_key(version=version)  # images build kernel --version
+                 for version in KERNEL_SOURCES if version != DEFAULT_KERNEL_VERSION})
     if args.json:
         print(json.dumps(keys, sort_keys=True))
     else:
