@@ -97,6 +97,8 @@ class RunEvidence:
     """The trace format table of the QEMU that wrote ``host_trace`` and the event
     families it could not vouch for (:mod:`harness.trace.formats`); None: unknown
     (QEMU 7.2's table, as before versions were recorded)."""
+    versions: dict[str, str] = field(default_factory=dict)
+    """The versions the run used (``qemu.json``), named by the verdict."""
 
     @classmethod
     def from_folder(cls, folder: Path) -> RunEvidence:
@@ -119,6 +121,9 @@ class RunEvidence:
         viommu = any(isinstance(d, dict) and d.get("kind") == "virtio-iommu" for d in devices) or None
         qemu = _read_json(folder / QEMU_INFO, None)
         formats = None
+        versions: dict[str, str] = {}
+        if isinstance(qemu, dict) and isinstance(qemu.get("versions"), dict):
+            versions = {str(k): str(v) for k, v in qemu["versions"].items()}
         if qemu is not None:
             try:
                 formats = FormatChoice.from_dict(qemu.get("trace_formats", {}) if isinstance(qemu, dict) else {})
@@ -126,7 +131,8 @@ class RunEvidence:
                 raise ConfigError(f"{folder / QEMU_INFO}: trace_formats: {exc}") from None
         return cls(host, guest, int(info.get("lost", 0)) if isinstance(info, dict) else 0, records, nvme, viommu,
                    devices=[d for d in devices if isinstance(d, dict)] if isinstance(spec, dict) else None,
-                   xen=("xen" in spec) if isinstance(spec, dict) and spec else None, formats=formats)
+                   xen=("xen" in spec) if isinstance(spec, dict) and spec else None, formats=formats,
+                   versions=versions)
 
 
 def compressed_or_plain(path: Path) -> Path | None:
@@ -213,6 +219,7 @@ def _require_formats(ev: RunEvidence, verdict: Verdict) -> Verdict:
     """Every report is inconclusive, with the reason, when a trace event family the
     machine's checkers read (:func:`harness.trace.formats.device_families`) has no
     format the harness knows for the QEMU that wrote the trace: never OK on a guess."""
+    verdict.versions.update(ev.versions)
     if ev.formats is None:
         return verdict
     kinds = None if ev.devices is None else [str(d.get("kind")) for d in ev.devices]
