@@ -48,14 +48,15 @@ from harness.vm.spec import MachineSpec, default_machine
 from harness.workloads import AgentOps
 
 HARNESS_KEY = pytest.StashKey[Harness]()
-MATRIX_HARNESSES_KEY = pytest.StashKey[dict[str, Harness]]()  # one per --dma-qemu value of a matrix
+MATRIX_HARNESSES_KEY = pytest.StashKey[dict[str, Harness]]()  # one per matrix column ("qemu-A/kernel-B")
 REPORTS_KEY = pytest.StashKey[dict[str, pytest.TestReport]]()  # "nodeid::when" -> report
 
 # name, ini/option help, default, kind ("store" or "store_true"); each is --dma-NAME and ini dma_NAME
 OPTIONS: tuple[tuple[str, str, Any, str], ...] = (
     ("qemu", OPTION_HELP["qemu"] + "; a version name (10.0) is the harness's build of it; repeat the "
              "option to run every VM test once per QEMU (test ids gain [qemu-VALUE])", None, "append"),
-    ("kernel", OPTION_HELP["kernel"], None, "store"),
+    ("kernel", OPTION_HELP["kernel"] + "; repeat the option to run every VM test once per kernel (test ids "
+               "gain [kernel-VALUE])", None, "append"),
     ("accel", OPTION_HELP["accel"], None, "store"),
     ("cache", OPTION_HELP["cache"], None, "store"),
     ("artifacts", OPTION_HELP["artifacts"], "artifacts", "store"),
@@ -84,7 +85,7 @@ def _option(config: pytest.Config, name: str) -> Any:
 
 # ---- version matrix: --dma-qemu A --dma-qemu B ----------------------------------------------
 
-MATRIX_OPTIONS: tuple[str, ...] = ("qemu",)
+MATRIX_OPTIONS: tuple[str, ...] = ("qemu", "kernel")
 """Repeatable options whose values form a matrix: with two or more values, every test
 using ``dma_harness`` runs once per value (fixture ``dma_matrix_<name>``, test id
 ``[<name>-<value>]``); with one value (or none) nothing is parametrized."""
@@ -114,6 +115,21 @@ def dma_matrix_qemu(request: pytest.FixtureRequest) -> str | None:
     return value
 
 
+@pytest.fixture(scope="session")
+def dma_matrix_kernel(request: pytest.FixtureRequest) -> str | None:
+    """The kernel of this test's column of the matrix (``--dma-kernel`` given twice or
+    more: version names such as ``6.12`` and ``7.2``, or bzImage paths), or None
+    without a matrix (the session's kernel)."""
+    value: str | None = getattr(request, "param", None)
+    return value
+
+
+def _matrix_column(qemu: str | None, kernel: str | None) -> str | None:
+    """The stash key of one column of the version matrix (``qemu-A/kernel-B``), None without a matrix."""
+    parts = [f"{name}-{value}" for name, value in (("qemu", qemu), ("kernel", kernel)) if value is not None]
+    return "/".join(parts) or None
+
+
 def _resolve_versions(options: HarnessOptions) -> HarnessOptions:
     """``options`` with a QEMU version name (``10.0``) replaced by the path of the
     harness's build of it in the options' cache, built first if missing
@@ -137,6 +153,9 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError(f"--dma-accel must be auto, tcg or kvm, not {accel!r}")
     try:
         _options(config)  # bad DMA_HARNESS_* environment values are a usage error, named once
+        from harness.images.kernel import resolve_kernel_choice
+        for kernel in {*matrix_values(config, "kernel"), _option(config, "kernel") or ""} - {""}:
+            resolve_kernel_choice(kernel, option="--dma-kernel")  # a version name the project does not build
     except ConfigError as exc:
         raise pytest.UsageError(str(exc)) from None
 
@@ -163,17 +182,22 @@ def _failed(item: pytest.Item) -> bool:
 
 
 @pytest.fixture(scope="session")
-def dma_harness(pytestconfig: pytest.Config, dma_matrix_qemu: str | None) -> Harness:
-    if dma_matrix_qemu is not None:  # one session Harness per QEMU of the matrix
+def dma_harness(pytestconfig: pytest.Config, dma_matrix_qemu: str | None,
+                dma_matrix_kernel: str | None) -> Harness:
+    column = _matrix_column(dma_matrix_qemu, dma_matrix_kernel)
+    if column is not None:  # one session Harness per QEMU and kernel of the matrix
         harnesses = pytestconfig.stash.setdefault(MATRIX_HARNESSES_KEY, {})
-        if dma_matrix_qemu in harnesses:
-            return harnesses[dma_matrix_qemu]
+        if column in harnesses:
+            return harnesses[column]
     elif HARNESS_KEY in pytestconfig.stash:
         return pytestconfig.stash[HARNESS_KEY]
     options = _options(pytestconfig)
     if dma_matrix_qemu is not None:
         import dataclasses
         options = dataclasses.replace(options, qemu=dma_matrix_qemu)
+    if dma_matrix_kernel is not None:  # a version name is resolved by the Harness (harness.images.kernel)
+        import dataclasses
+        options = dataclasses.replace(options, kernel=dma_matrix_kernel)
     try:
         options = _resolve_versions(options)
         h = Harness(options)
@@ -184,8 +208,8 @@ def dma_harness(pytestconfig: pytest.Config, dma_matrix_qemu: str | None) -> Har
         pytest.skip(str(exc))
     except HarnessError as exc:
         pytest.fail(f"dma-harness cannot prepare guest images: {exc}", pytrace=False)
-    if dma_matrix_qemu is not None:
-        pytestconfig.stash[MATRIX_HARNESSES_KEY][dma_matrix_qemu] = h
+    if column is not None:
+        pytestconfig.stash[MATRIX_HARNESSES_KEY][column] = h
     else:
         pytestconfig.stash[HARNESS_KEY] = h
     pytestconfig.add_cleanup(h.close)  # releases the cache entries it holds

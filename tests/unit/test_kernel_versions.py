@@ -26,6 +26,8 @@ from harness.images.kernel import (DEFAULT_KERNEL_VERSION, KERNEL_SOURCES, Kerne
 ROOT = Path(__file__).resolve().parents[2]
 PATCH = "intel-skip-unmap-flush"
 
+pytest_plugins = ["pytester"]
+
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "harness", *args], cwd=ROOT, capture_output=True, text=True,
@@ -322,3 +324,99 @@ def test_images_show_lists_the_other_versions(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert (f"kernel 7.2 (linux-source-7.2) {tmp_path / 'cache' / 'kernel' / recipe_key(version='7.2')}  "
             "[not built: images build kernel --version 7.2]") in proc.stdout
+
+
+# ---------------------------------------------------------------------------- Linux 7.2's trace events
+
+
+CTX = "  kworker/0:1H-45      [000] .....    12.345678: "
+
+
+def test_linux_7_2s_dma_map_phys_events_are_page_maps_for_the_checkers():
+    """Linux 7.2 traces dma_map_page_attrs/dma_map_resource as dma:dma_map_phys and
+    their unmaps as dma:dma_unmap_phys (same bodies as 6.12's dma_map/dma_unmap
+    classes); both are enabled and parse as the page events the checkers read."""
+    from harness.trace.guest import (GUEST_TRACE_EVENTS, GuestDmaMap, GuestDmaMapPage, GuestDmaUnmap,
+                                     GuestDmaUnmapPage, parse_guest_line)
+    assert {"dma:dma_map_phys", "dma:dma_unmap_phys", "dma:dma_map_page", "dma:dma_unmap_page"} <= set(
+        GUEST_TRACE_EVENTS)
+    m = parse_guest_line(CTX + "dma_map_phys: 0000:00:03.0 dir=FROM_DEVICE dma_addr=fffff000 size=4096 "
+                               "phys_addr=1234000 attrs=", 1)
+    assert isinstance(m, GuestDmaMapPage) and isinstance(m, GuestDmaMap) and m.NAME == "dma_map_phys"
+    assert (m.segments, m.phys, m.dir, m.sid) == (((0xfffff000, 4096),), (0x1234000,), "FROM_DEVICE", 0x18)
+    u = parse_guest_line(CTX + "dma_unmap_phys: 0000:00:03.0 dir=FROM_DEVICE dma_addr=fffff000 size=4096 "
+                               "attrs=MMIO", 2)
+    assert isinstance(u, GuestDmaUnmapPage) and isinstance(u, GuestDmaUnmap) and u.attrs == "MMIO"
+    assert u.segments == ((0xfffff000, 4096),)
+
+
+# ---------------------------------------------------------------------------- pytest: --dma-kernel
+
+
+MATRIX_CONFTEST = """
+    import harness.pytest_plugin as plugin
+
+    MADE = []
+
+    class FakeHarness:
+        def __init__(self, options):
+            self.options = options
+            MADE.append((options.qemu, options.kernel))
+        def images(self, spec=None):
+            return None
+        def close(self):
+            pass
+
+    plugin.Harness = FakeHarness
+"""
+
+MATRIX_TESTS = """
+    from conftest import MADE
+
+    def test_kernel(dma_harness, request):
+        print(f"RAN {request.node.name} qemu={dma_harness.options.qemu} kernel={dma_harness.options.kernel}")
+
+    def test_made():
+        print(f"MADE {sorted(MADE, key=str)}")
+"""
+
+
+def _matrix_run(pytester, *args: str):
+    pytester.makeconftest(MATRIX_CONFTEST)
+    pytester.makepyfile(test_inner=MATRIX_TESTS)
+    return pytester.runpytest_subprocess("-s", "-p", "no:cacheprovider", "-p", "no:randomly", *args)
+
+
+def _ran(result) -> list[str]:
+    return sorted(line.split("RAN ", 1)[1] for line in result.outlines if "RAN " in line)
+
+
+def test_dma_kernel_twice_runs_each_test_once_per_kernel(pytester):
+    result = _matrix_run(pytester, "--dma-kernel", "6.12", "--dma-kernel", "7.2")
+    result.assert_outcomes(passed=3)
+    assert _ran(result) == ["test_kernel[kernel-6.12] qemu=None kernel=6.12",
+                            "test_kernel[kernel-7.2] qemu=None kernel=7.2"]
+    assert any("MADE [(None, '6.12'), (None, '7.2')]" in line for line in result.outlines)  # one Harness a column
+
+
+def test_dma_kernel_and_dma_qemu_make_a_matrix(pytester):
+    result = _matrix_run(pytester, "--dma-qemu", "/q/a", "--dma-qemu", "/q/b", "--dma-kernel", "6.12",
+                         "--dma-kernel", "7.2")
+    result.assert_outcomes(passed=5)
+    ran = _ran(result)
+    assert len(ran) == 4 and len({line.split()[0] for line in ran}) == 4
+    for line in ran:  # each test sees its own column's QEMU and kernel
+        test_id, qemu, kernel = line.split()
+        assert f"qemu-{qemu.split('=')[1]}" in test_id and f"kernel-{kernel.split('=')[1]}" in test_id
+
+
+def test_one_dma_kernel_keeps_the_test_ids(pytester):
+    result = _matrix_run(pytester, "--dma-kernel", "7.2")
+    result.assert_outcomes(passed=2)
+    assert _ran(result) == ["test_kernel qemu=None kernel=7.2"]
+
+
+def test_dma_kernel_with_an_unknown_version_is_a_usage_error(pytester):
+    result = _matrix_run(pytester, "--dma-kernel", "6.12", "--dma-kernel", "7.9")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert any("--dma-kernel '7.9' is not a kernel version the project builds" in line for line in result.errlines)
