@@ -98,6 +98,16 @@ def build_parser() -> argparse.ArgumentParser:
                       help="skip the busybox floor (by default each round also boots a busybox initramfs with the "
                            "same kernel and machine, and the overhead over it is printed)")
     _common(boot)
+    xd = bsub.add_parser("xdist", help="wall-time speed-up of the VM tests with pytest-xdist workers: the same "
+                                       "selection run with -n 0, then -n N, in one invocation")
+    xd.add_argument("--workers", type=int, default=2, help="workers of the parallel run (default 2)")
+    xd.add_argument("--dist", default="loadfile",
+                    help="pytest-xdist distribution mode of the parallel run (default loadfile: one test file per "
+                         "worker at a time, so a module-scoped VM boots once)")
+    xd.add_argument("--no-warm-up", action="store_true",
+                    help="do not build/read the guest images before the timed runs")
+    xd.add_argument("pytest_args", nargs=argparse.REMAINDER, metavar="-- PYTEST ARGS",
+                    help="the selection and options both runs get (default tests/vm); put -- before them")
     it = bsub.add_parser("iotlb", help="IOTLB model operations per second at 1k/10k/100k maps")
     it.add_argument("--ops", type=int, default=20000)
     pin = bsub.add_parser("pinning", help="pinning model (iommufd IOAS) operations per second at 1k/10k/100k areas")
@@ -415,6 +425,11 @@ def _median_seconds(fn: Callable[[], object], n: int = 20) -> float:
     return statistics.median(samples)
 
 
+def cmd_bench_xdist(args: argparse.Namespace) -> int:
+    from harness.bench import xdist
+    return xdist.run(args.workers, args.dist, args.pytest_args, warm=not args.no_warm_up)
+
+
 def cmd_bench_iotlb(args: argparse.Namespace) -> int:
     from harness.bench import iotlb
     return int(iotlb.main(["--ops", str(args.ops)]))
@@ -675,7 +690,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "bench":
             bench = {"boot": cmd_bench_boot, "iotlb": cmd_bench_iotlb, "pinning": cmd_bench_pinning,
-                     "grant": cmd_bench_grant}
+                     "grant": cmd_bench_grant, "xdist": cmd_bench_xdist}
             return bench[args.bench](args)
         return handlers[args.command](args)
     except KeyboardInterrupt:
