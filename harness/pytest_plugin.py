@@ -313,8 +313,9 @@ def vm_factory(request: pytest.FixtureRequest, dma_harness: Harness) -> Iterator
                     if verdict is not None:
                         extra.update({"verdict.json": verdict.to_dict(), "verdict.txt": verdict.format()})
                         extra["config.toml"] = versions_comment(verdict.versions) + extra["config.toml"]
-                        if entry.vm.run_dir is not None and entry.vm.path(QEMU_INFO).is_file():
-                            extra[QEMU_INFO] = entry.vm.path(QEMU_INFO).read_text()
+                        info = Path(entry.vm.run_dir) / QEMU_INFO if entry.vm.run_dir is not None else None
+                        if info is not None and info.is_file():
+                            extra[QEMU_INFO] = info.read_text()
                     entry.vm.save_artifacts(dest, extra)
                 if bad and not no_check:
                     assert verdict is not None

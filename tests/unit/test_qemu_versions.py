@@ -241,3 +241,15 @@ def test_cli_refuses_bad_qemu_values_in_one_line(tmp_path: Path, args: tuple[str
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in proc.stderr, lines
     assert all(w in lines[0] for w in words), lines[0]
+
+
+def test_images_key_and_show_list_the_qemu_builds(tmp_path: Path) -> None:
+    env = {"DMA_HARNESS_CACHE": str(tmp_path / "cache")}
+    keys = _cli("images", "key", env=env)
+    assert keys.returncode == 0, keys.stderr
+    for name in QEMU_VERSIONS:
+        assert f"qemu-{name} {qemu_key(name)}" in keys.stdout.splitlines()
+    assert json.loads(_cli("images", "key", "--json", env=env).stdout)["qemu-10.0"] == qemu_key("10.0")
+    show = _cli("images", "show", "--cache", str(tmp_path / "cache"))
+    assert f"not built: images build qemu --version 10.0" in show.stdout
+    assert not (tmp_path / "cache" / "qemu").exists()
