@@ -47,9 +47,14 @@ def test_images_key_prints_the_recipe_keys_and_touches_no_cache(tmp_path):
     env = {**os.environ, "DMA_HARNESS_CACHE": str(cache)}
     proc = run_cli("images", "key", env=env)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.splitlines() == [f"kernel {recipe_key()}", f"rootfs {base_key()}", f"xen {xen_key()}"]
-    as_json = run_cli("images", "key", "--json", env=env)
-    assert json.loads(as_json.stdout) == {"kernel": recipe_key(), "rootfs": base_key(), "xen": xen_key()}
+    lines = proc.stdout.splitlines()
+    assert lines[:3] == [f"kernel {recipe_key()}", f"rootfs {base_key()}", f"xen {xen_key()}"]
+    # then one line per other version the harness builds (kernel-7.2, qemu-10.0, ...), each keyed
+    kinds = [ln.split()[0] for ln in lines[3:]]
+    assert {"qemu-10.0", "kernel-7.2"} <= set(kinds) and len(set(kinds)) == len(kinds)
+    as_json = json.loads(run_cli("images", "key", "--json", env=env).stdout)
+    assert as_json == {ln.split()[0]: ln.split()[1] for ln in lines}
+    assert (as_json["kernel"], as_json["rootfs"], as_json["xen"]) == (recipe_key(), base_key(), xen_key())
     assert not cache.exists()  # nothing built, locked or created
 
 
