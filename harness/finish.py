@@ -53,7 +53,7 @@ from harness.checks.vtd import VtdChecker
 from harness.checks.devices import require_devices
 from harness.checks.verdict import CheckReport
 from harness.checks.virtio_blk_data import VirtioBlkDataChecker, virtio_ios_from_records
-from harness.vm.virtio import expected_dma_devices
+from harness.vm.virtio import DmaDevice, expected_dma_devices
 from harness.errors import AgentError, ConfigError, VMError
 from harness.trace.events import VIRTIO_IOMMU_EVENT_CLASSES, Event
 from harness.trace.guest import GUEST_TRACE_EVENTS, GuestEvent, parse_guest_file
@@ -236,11 +236,20 @@ def _require_devices(ev: RunEvidence, reports: list[CheckReport]) -> None:
     inconclusive (:func:`harness.checks.devices.require_devices`)."""
     if ev.devices is None:
         return
-    expected = expected_dma_devices(ev.devices)
+    expected = _placed_dma_devices(ev.devices)
     for report in reports:
         if report.checker in ("vtd-consistency", "virtio-iommu", "guest-intent") and (report.checker != "guest-intent"
                                                                       or ev.guest_trace is not None):
             require_devices(report, expected)
+
+
+def _placed_dma_devices(devices: list[dict[str, Any]]) -> list[DmaDevice]:
+    """:func:`~harness.vm.virtio.expected_dma_devices`, except that a device whose
+    table holds its real source id (``sid``: a device hot-plugged after a snapshot
+    restore, harness/vm/snapshot.py) is taken where it is."""
+    placed = [DmaDevice(int(d["sid"]), str(d.get("kind", "")), str(d.get("id", "") or d.get("kind", "")), i)
+              for i, d in enumerate(devices) if isinstance(d.get("sid"), int)]
+    return expected_dma_devices([d for d in devices if not isinstance(d.get("sid"), int)]) + placed
 
 
 # ---- virtio-iommu (harness/checks/virtio_iommu.py) ---------------------------
@@ -342,7 +351,7 @@ def finish_vm(vm: VM, *, failures: list[str] | None = None, artifacts: Path | No
     ev = RunEvidence(vm.trace_log, guest_path, int(info.get("lost", 0)), calls,
                      sum(1 for d in vm.spec.devices if d.kind == "nvme") or 1,
                      any(d.kind == "virtio-iommu" for d in vm.spec.devices),
-                     devices=[d.to_table() for d in vm.spec.devices], xen=vm.spec.xen is not None)
+                     devices=vm.device_tables(), xen=vm.spec.xen is not None)
     versions, ev.formats = run_versions(vm)
     vm.path(QEMU_INFO).write_text(json.dumps({"versions": versions, "trace_formats": ev.formats.to_dict()},
                                              indent=2))

@@ -56,7 +56,7 @@ from harness.vm.xen import panic_in
 AGENT_PORT_NAME = "org.dmaharness.agent.0"
 RUN_PREFIX = "dma-harness-"
 ARTIFACT_FILES = ("argv.json", "console.log", "qmp.log", "trace.log", "qemu.log", "spec.json", "guest-trace.txt",
-                  "guest-trace.json", "records.json")
+                  "guest-trace.json", "records.json", "snapshot.json")
 
 
 @dataclass(frozen=True)
@@ -230,6 +230,9 @@ class VM:
         self._console_seen = 0  # bytes of console.log already scanned for crash signatures (Xen)
         self._console_carry = ""
         self._port_hold: socket.socket | None = None  # keeps ssh_port ours (reserve_port) until close()
+        self.start_note: str | None = None
+        """How the VM was started when not by a plain cold boot, in one line: ``restored from
+        snapshot KEY in 0.62s`` or ``cold boot: REASON`` (harness.vm.snapshot)."""
 
     # ------------------------------------------------------------------ context
     def __enter__(self) -> VM:
@@ -543,6 +546,12 @@ class VM:
                 os.killpg(self._proc.pid, signal.SIGKILL)
         self._proc.wait()
         self.exitcode = self._proc.returncode
+
+    def device_tables(self) -> list[dict[str, Any]]:
+        """The machine's devices as tables, as QEMU has them (``spec.json``'s ``devices``);
+        a VM restored from a snapshot (harness.vm.snapshot.RestoredVM) lists its root
+        ports and its hot-plugged devices with their real source id (``sid``)."""
+        return [d.to_table() for d in self.spec.devices]
 
     def save_artifacts(self, dest: Path, extra: dict[str, Any] | None = None) -> Path:
         """Copy argv, console, QMP, trace and QEMU logs and the spec into ``dest``."""
