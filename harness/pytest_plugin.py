@@ -6,7 +6,11 @@ Fixtures:
   ``dma_images``   (session) the :class:`~harness.vm.machine.BootImages` (kernel, initrd, keys),
                    built once per cache and reused
   ``vm_factory``   (function) ``make(spec=None, name=None, trace=True)`` -> a running VM;
-                   every VM it made is checked and torn down at teardown
+                   every VM it made is checked and torn down at teardown;
+                   ``make(spec, snapshot=True)`` restores it from the session's snapshot of
+                   that machine (saved at first use, harness/vm/snapshot.py), or cold-boots it
+                   when the machine cannot be snapshotted (the reason is the JUnit property
+                   ``<vm>.start`` and ``start.txt`` in the artifacts)
   ``vm``           (function) one running VM for the test's ``dma_machine`` marker (default:
                    q35 + intel-iommu caching-mode + NVMe)
   ``dma_verdict``  (function) ``dma_verdict(vm)`` ends ``vm``'s run (:func:`harness.finish.finish_vm`:
@@ -44,6 +48,7 @@ from harness.scenario import Scenario
 from harness.options import ACCELS, OPTION_HELP, HarnessOptions
 from harness.session import Harness
 from harness.vm.machine import VM, BootImages
+from harness.vm.snapshot import SnapshotStore
 from harness.vm.spec import MachineSpec, default_machine
 from harness.workloads import AgentOps
 
@@ -216,6 +221,22 @@ def dma_harness(pytestconfig: pytest.Config, dma_matrix_qemu: str | None,
     return h
 
 
+SNAPSHOTS_KEY = pytest.StashKey[dict[int, SnapshotStore]]()  # id(Harness) -> its SnapshotStore
+
+
+def snapshot_store(config: pytest.Config, harness: Harness) -> SnapshotStore:
+    """The session's :class:`~harness.vm.snapshot.SnapshotStore` for ``harness`` (one per
+    Harness of the QEMU/kernel matrix), made on first use and removed with every snapshot
+    it holds at the end of the session (``config.add_cleanup``)."""
+    stores = config.stash.setdefault(SNAPSHOTS_KEY, {})
+    if id(harness) not in stores:
+        store = SnapshotStore(harness)
+        store.open()
+        config.add_cleanup(store.close)
+        stores[id(harness)] = store
+    return stores[id(harness)]
+
+
 @pytest.fixture(scope="session")
 def dma_images(dma_harness: Harness) -> BootImages:
     return dma_harness.images()
@@ -280,9 +301,13 @@ def vm_factory(request: pytest.FixtureRequest, dma_harness: Harness) -> Iterator
     tracked: list[_Tracked] = []
 
     def make(spec: MachineSpec | None = None, name: str | None = None, *, trace: bool = True,
-             boot_timeout: float = 60.0) -> VM:
-        vm = dma_harness.vm(spec or default_machine(), name=name or f"vm{len(tracked)}",
-                            boot_timeout=boot_timeout, trace=trace)
+             boot_timeout: float = 60.0, snapshot: bool = False) -> VM:
+        if snapshot:  # restored from the session's snapshot of this machine (harness/vm/snapshot.py)
+            vm = snapshot_store(request.config, dma_harness).vm(
+                spec or default_machine(), name=name or f"vm{len(tracked)}", boot_timeout=boot_timeout, trace=trace)
+        else:
+            vm = dma_harness.vm(spec or default_machine(), name=name or f"vm{len(tracked)}",
+                                boot_timeout=boot_timeout, trace=trace)
         tracked.append(_Tracked(vm, trace))
         try:
             vm.launch()
@@ -290,6 +315,8 @@ def vm_factory(request: pytest.FixtureRequest, dma_harness: Harness) -> Iterator
         except BaseException:
             vm.shutdown()  # the run directory stays for the teardown to save its console log
             raise
+        if vm.start_note:  # restored from a snapshot, or why it was cold-booted instead
+            request.node.user_properties.append((f"{vm.name}.start", vm.start_note))
         return vm
 
     make.tracked = tracked  # type: ignore[attr-defined]
@@ -310,6 +337,8 @@ def vm_factory(request: pytest.FixtureRequest, dma_harness: Harness) -> Iterator
                     dest = Path(dma_harness.options.artifacts) / _slug(request.node.nodeid) / entry.vm.name
                     entry.vm.shutdown()
                     extra: dict[str, Any] = {"config.toml": _config_toml(entry.vm, request.node.nodeid)}
+                    if entry.vm.start_note:
+                        extra["start.txt"] = entry.vm.start_note + "\n"
                     if verdict is not None:
                         extra.update({"verdict.json": verdict.to_dict(), "verdict.txt": verdict.format()})
                         extra["config.toml"] = versions_comment(verdict.versions) + extra["config.toml"]
