@@ -94,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     boot.add_argument("--trace", action="store_true",
                       help="boot with QEMU's and the guest kernel's tracing on (as runs do) and time collecting "
                            "the guest's trace")
+    boot.add_argument("--snapshot", action="store_true",
+                      help="save the booted guest once and time --runs restores from it (QEMU start -> guest "
+                           "agent answers), with QEMU's and the guest's tracing on as in runs; devices QEMU cannot "
+                           "migrate (NVMe) are hot-plugged after each restore")
     boot.add_argument("--no-floor", action="store_true",
                       help="skip the busybox floor (by default each round also boots a busybox initramfs with the "
                            "same kernel and machine, and the overhead over it is printed)")
@@ -411,6 +415,13 @@ def cmd_bench_boot(args: argparse.Namespace) -> int:
             line += f"; SSH exec round trip median {ssh_rtt * 1000:.1f} ms"
         return line
 
+    if getattr(args, "snapshot", False):  # harness/vm/snapshot.py
+        from harness.vm.snapshot import SnapshotUnsupported
+        try:
+            boot_bench.run_snapshot(h, spec, runs=args.runs)
+        except SnapshotUnsupported as exc:
+            raise HarnessError(f"this machine cannot be snapshotted: {exc}") from None
+        return 0
     boot_bench.run(h, spec, runs=args.runs, trace=args.trace, floor=not args.no_floor, per_boot=per_boot)
     return 0
 

@@ -161,3 +161,52 @@ def run(h: Harness, spec: MachineSpec, *, runs: int, trace: bool = False, floor:
             "(median boot / median floor)")
     out(verdict_line(summary, floor_summary))
     return summary, floor_summary
+
+
+# ---- bench boot --snapshot (harness/vm/snapshot.py) ---------------------------
+
+TARGET_RESTORE_SECONDS = 1.0
+
+
+def restore_target_line(restore: BootSummary) -> str:
+    """Whether the restore target (median QEMU start -> agent answers <= 1.0 s) is met."""
+    ok = restore.median <= TARGET_RESTORE_SECONDS
+    return f"target: restore median {restore.median:.2f}s {'<=' if ok else '>'} {TARGET_RESTORE_SECONDS:.1f}s"
+
+
+def run_snapshot(h: Harness, spec: MachineSpec, *, runs: int, trace: bool = True,
+                 out: Callable[[str], None] = print) -> BootSummary:
+    """Save ``spec``'s guest once, restore it ``runs`` times and print each
+    restore (QEMU start -> the guest agent answers a ping on the new channel),
+    the time the guest then took to find the hot-plugged devices, the median and
+    the target line. Returns the restore summary.
+
+    Raises HarnessError if ``runs`` < 1, SnapshotUnsupported (its one-line
+    reason) if ``spec`` cannot be snapshotted, and what a cold boot raises.
+    """
+    from harness.vm.snapshot import RestoredVM, SnapshotStore, snapshot_plan
+    if runs < 1:
+        raise HarnessError("--runs must be at least 1")
+    snapshot_plan(spec)  # refuse an unsnapshottable machine before booting anything
+    out(f"host: {host_load()} (before)")
+    restores: list[float] = []
+    with SnapshotStore(h) as store:
+        snap = store.snapshot(spec, trace=trace)
+        plugged = ", ".join(f"{d.kind} {d.id}" for d, _ in snap.plan.hotplug) or "none"
+        out(f"snapshot {snap.key}: cold boot {snap.boot_seconds:.2f}s, saved in {snap.save_seconds:.2f}s "
+            f"({snap.size / (1 << 20):.0f} MiB); hot-plugged after each restore: {plugged}")
+        for i in range(runs):
+            vm = store.vm(spec, name=f"restore{i}", trace=trace)
+            assert isinstance(vm, RestoredVM)
+            with vm:
+                assert vm.restore_seconds is not None and vm.hotplug_seconds is not None
+                restores.append(vm.restore_seconds)
+                line = f"restore {i + 1}/{runs}: {vm.restore_seconds:.2f}s to guest agent"
+                if vm.hotplugged:
+                    line += f", then {vm.hotplug_seconds:.2f}s until the guest found {', '.join(vm.hotplugged)}"
+                out(line)
+    out(f"host: {host_load()} (after)")
+    summary = summarize(restores)
+    out(f"restore time over {summary.n} restores (QEMU start -> guest agent answers): {summary.format()}")
+    out(restore_target_line(summary))
+    return summary
