@@ -11,14 +11,18 @@ guest, and the guest agent answers a ping on the new QEMU's virtio-serial socket
 (the guest side of the port never closed: virtio-serial migrates the port state,
 hw/char/virtio-serial-bus.c ``virtio_serial_load_device``).
 
-What migrates (QEMU 7.2, measured with ``query-migrate``'s ``blocked-reasons``
-and by restoring guests that then did DMA): ``intel-iommu`` (caching-mode on and
-off, ``intremap``, ``device-iotlb``: hw/i386/intel_iommu.c ``vtd_vmstate``),
-``virtio-iommu-pci`` (hw/virtio/virtio-iommu.c ``vmstate_virtio_iommu_device``),
-``virtio-blk-pci``/``virtio-net-pci`` with ``iommu_platform`` and ``ats``, and
-the harness's own devices (virtio-serial, virtio-net with slirp, pvpanic).
-``nvme`` does not: hw/nvme/ctrl.c registers ``vmstate_nvme`` with
-``.unmigratable = 1`` (``State blocked by non-migratable device``).
+What migrates (QEMU 7.2: a ``migrate`` that completes with no ``blocked-reasons``
+in ``query-migrate``): ``intel-iommu`` (caching-mode on and off, ``intremap``,
+``device-iotlb``: hw/i386/intel_iommu.c ``vtd_vmstate``), ``virtio-iommu-pci``
+(hw/virtio/virtio-iommu.c ``vmstate_virtio_iommu_device``),
+``virtio-blk-pci``/``virtio-net-pci`` with ``iommu_platform`` (and ``ats``), an
+empty ``pcie-root-port``, and the harness's own devices (virtio-serial,
+virtio-net with slirp, pvpanic). Restored guests that then did NVMe O_DIRECT
+DMA got an OK verdict from every checker with intel-iommu caching-mode on,
+caching-mode off + ``intremap`` (+ virtio-blk in the snapshot), and
+virtio-iommu. ``nvme`` does not migrate: hw/nvme/ctrl.c registers
+``vmstate_nvme`` with ``.unmigratable = 1`` (``State blocked by non-migratable
+device``).
 
 So the snapshot is taken of the machine *without* its NVMe controllers: each
 one's place (its ``addr`` and its position in the argv) holds an empty
