@@ -209,3 +209,22 @@ def test_two_workers_keep_junit_properties_and_separate_artifacts(pytester: pyte
         assert len(lines) == 1, (folder, lines)
         workers.add(lines[0])
     assert workers == {"gw0", "gw1"}
+
+
+# ---------------------------------------------------------------- temporary folders of workers
+def test_a_workers_tmp_path_leaves_room_for_unix_sockets(tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """Run inside an xdist worker (by the test below, or by any ``pytest -n``): the root
+    conftest.py drops xdist's ``popen-`` prefix from the worker's temporary folder, so
+    tests/vm/test_faults.py's run directories keep their sockets under 108 bytes."""
+    if not hasattr(request.config, "workerinput"):
+        pytest.skip("meaningful only in a pytest-xdist worker (the next test runs it in one)")
+    assert not any(part.startswith("popen-") for part in tmp_path.parts), tmp_path
+    assert tmp_path.parent.name == request.config.workerinput["workerid"], tmp_path
+
+
+def test_worker_tmp_paths_in_two_workers() -> None:
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "2", "-p", "no:cacheprovider",
+                           "tests/unit/test_xdist_parallel.py::test_a_workers_tmp_path_leaves_room_for_unix_sockets"],
+                          cwd=root, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "1 passed" in proc.stdout, proc.stdout[-3000:]
