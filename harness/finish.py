@@ -59,6 +59,7 @@ from harness.trace.events import VIRTIO_IOMMU_EVENT_CLASSES, Event
 from harness.trace.guest import GUEST_TRACE_EVENTS, GuestEvent, parse_guest_file
 from harness.trace.formats import DEFAULT_SERIES, FAMILIES, FormatChoice, device_families
 from harness.trace.parser import parse_file
+from harness.images.kernel import DEFAULT_KERNEL_VERSION
 from harness.vm.machine import VM
 
 __all__ = ["GUEST_TRACE_EVENTS", "RunEvidence", "Finished", "check_evidence", "collect_guest_trace", "finish_vm"]
@@ -443,6 +444,9 @@ def run_versions(vm: VM) -> tuple[dict[str, str], FormatChoice]:
         versions["kernel.key"] = str(manifest["key"])
     else:
         versions["kernel.path"] = str(kernel)
+    name = _kernel_version_name(manifest)
+    if name is not None:
+        versions["kernel.name"] = name
     if vm.spec.xen is not None and vm.images.hypervisor is not None:
         manifest = _entry_manifest(Path(vm.images.hypervisor))
         versions["xen"] = str(manifest.get("version", "?"))
@@ -451,6 +455,17 @@ def run_versions(vm: VM) -> tuple[dict[str, str], FormatChoice]:
         else:
             versions["xen.path"] = str(vm.images.hypervisor)
     return versions, choice
+
+
+def _kernel_version_name(manifest: dict[str, Any]) -> str | None:
+    """The version name (``--kernel 7.2``) of a project-built kernel from its cache
+    manifest (``kernel_version``, or the ``linux-source-X.Y`` package of older
+    manifests), None for a planted-bug variant or anything else."""
+    from harness.images.kernel import KERNEL_SOURCES
+    if manifest.get("patch"):
+        return None
+    name = manifest.get("kernel_version") or str(manifest.get("package", "")).removeprefix("linux-source-")
+    return name if isinstance(name, str) and name in KERNEL_SOURCES else None
 
 
 def versions_comment(versions: dict[str, str]) -> str:
@@ -464,6 +479,8 @@ def versions_comment(versions: dict[str, str]) -> str:
         options.append(f"--qemu {versions['qemu.path']}")
     if "kernel.path" in versions:
         options.append(f"--kernel {versions['kernel.path']}")
+    elif versions.get("kernel.name", DEFAULT_KERNEL_VERSION) != DEFAULT_KERNEL_VERSION:
+        options.append(f"--kernel {versions['kernel.name']}")
     if options:
         lines.append("# run it again with the same QEMU: python -m harness run config.toml " + " ".join(options))
     return "\n".join(lines) + "\n"

@@ -420,3 +420,17 @@ def test_dma_kernel_with_an_unknown_version_is_a_usage_error(pytester):
     result = _matrix_run(pytester, "--dma-kernel", "6.12", "--dma-kernel", "7.9")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     assert any("--dma-kernel '7.9' is not a kernel version the project builds" in line for line in result.errlines)
+
+
+# ---------------------------------------------------------------------------- the verdict's versions
+
+
+def test_the_verdict_names_a_built_kernels_version_and_how_to_run_it_again():
+    from harness.finish import _kernel_version_name, versions_comment
+    assert _kernel_version_name({"kernel_version": "7.2", "package": "linux-source-7.2"}) == "7.2"
+    assert _kernel_version_name({"package": "linux-source-6.12"}) == "6.12"  # manifests written before versions
+    assert _kernel_version_name({"kernel_version": "7.2", "patch": PATCH}) is None  # a planted-bug variant
+    assert _kernel_version_name({"package": "linux-source-5.10"}) is None and _kernel_version_name({}) is None
+    newer = versions_comment({"kernel": "7.2.12", "kernel.key": "k", "kernel.name": "7.2", "qemu.path": "/q"})
+    assert "--kernel 7.2" in newer and "kernel 7.2.12" in newer
+    assert "--kernel" not in versions_comment({"kernel": "6.12.95", "kernel.name": "6.12", "qemu.path": "/q"})
