@@ -628,7 +628,7 @@ def cmd_soak(args: argparse.Namespace) -> int:
 def cmd_doctor(args: argparse.Namespace) -> int:
     import os
     import shutil
-    from harness.images.kernel import cached_kernel, recipe_key
+    from harness.images.kernel import DEFAULT_KERNEL_VERSION, cached_kernel, recipe_key
     from harness.vm.machine import find_qemu
     from harness.vm.spec import MachineSpec
     qemu = find_qemu(args.qemu)
@@ -640,14 +640,18 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     h = _harness(args)
     requested = args.accel or h.options.accel
     # Never build here: the KVM probe boots the kernel, so it runs only if one is at hand.
-    if h.options.kernel or cached_kernel(h.cache) is not None:
+    from harness.images.kernel import resolve_kernel_choice
+    kernel_choice = resolve_kernel_choice(h.options.kernel)  # a version name is the project's build: never built here
+    if kernel_choice.path is not None or cached_kernel(h.cache, version=kernel_choice.version) is not None:
         kernel = h.kernel(MachineSpec())  # a user's kernel: checked for what the harness itself needs
         print(f"kernel: {kernel.bzimage} ({kernel.origin})")
         choice = h.accel(requested)
         print(f"accelerator: {choice.accel} ({choice.reason})")
     else:
-        print(f"kernel: not built yet ({h.cache.entry('kernel', recipe_key())}); "
-              "build it with: python -m harness images build")
+        print(f"kernel: not built yet ({h.cache.entry('kernel', recipe_key(version=kernel_choice.version))}); "
+              "build it with: python -m harness images build"
+              + ("" if kernel_choice.version == DEFAULT_KERNEL_VERSION
+                 else f" kernel --version {kernel_choice.version}"))
         if requested == "auto":
             print("accelerator: not probed (auto needs the kernel: the KVM probe boots it)")
         else:

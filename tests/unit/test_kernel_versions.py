@@ -434,3 +434,10 @@ def test_the_verdict_names_a_built_kernels_version_and_how_to_run_it_again():
     newer = versions_comment({"kernel": "7.2.12", "kernel.key": "k", "kernel.name": "7.2", "qemu.path": "/q"})
     assert "--kernel 7.2" in newer and "kernel 7.2.12" in newer
     assert "--kernel" not in versions_comment({"kernel": "6.12.95", "kernel.name": "6.12", "qemu.path": "/q"})
+
+
+def test_doctor_never_builds_a_named_kernel_version(tmp_path):
+    proc = run_cli("doctor", "--kernel", "7.2", "--cache", str(tmp_path / "cache"))
+    assert f"kernel: not built yet ({tmp_path / 'cache' / 'kernel' / recipe_key(version='7.2')}); build it with: " \
+           "python -m harness images build kernel --version 7.2" in proc.stdout, (proc.stdout, proc.stderr)
+    assert not (tmp_path / "cache" / "kernel" / recipe_key(version="7.2")).exists()
