@@ -240,7 +240,7 @@ def run(workers: int, dist: str, pytest_args: Sequence[str], *, warm: bool = Tru
         for n in (0, workers):
             junit = Path(tmp) / f"n{n}.xml"
             argv = pytest_argv(n, dist, junit, args)
-            print(f"== {' '.join(argv[1:])}", flush=True)
+            print(f"== python {' '.join(argv[1:])}", flush=True)
             runs.append(run_pytest(argv, n, junit))
     serial, parallel = runs
     ok, verdict = judge(serial, parallel, target)
