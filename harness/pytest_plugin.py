@@ -315,8 +315,9 @@ def vm_factory(request: pytest.FixtureRequest, dma_harness: Harness) -> Iterator
         except BaseException:
             vm.shutdown()  # the run directory stays for the teardown to save its console log
             raise
-        if vm.start_note:  # restored from a snapshot, or why it was cold-booted instead
-            request.node.user_properties.append((f"{vm.name}.start", vm.start_note))
+        start_note = getattr(vm, "start_note", None)  # restored from a snapshot, or why it was cold-booted
+        if start_note:
+            request.node.user_properties.append((f"{vm.name}.start", start_note))
         return vm
 
     make.tracked = tracked  # type: ignore[attr-defined]
@@ -337,8 +338,8 @@ def vm_factory(request: pytest.FixtureRequest, dma_harness: Harness) -> Iterator
                     dest = Path(dma_harness.options.artifacts) / _slug(request.node.nodeid) / entry.vm.name
                     entry.vm.shutdown()
                     extra: dict[str, Any] = {"config.toml": _config_toml(entry.vm, request.node.nodeid)}
-                    if entry.vm.start_note:
-                        extra["start.txt"] = entry.vm.start_note + "\n"
+                    if getattr(entry.vm, "start_note", None):
+                        extra["start.txt"] = f"{entry.vm.start_note}\n"
                     if verdict is not None:
                         extra.update({"verdict.json": verdict.to_dict(), "verdict.txt": verdict.format()})
                         extra["config.toml"] = versions_comment(verdict.versions) + extra["config.toml"]

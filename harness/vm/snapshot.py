@@ -73,15 +73,20 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 from harness.errors import AgentError, GuestBootTimeout, HarnessError, VMError
 from harness.vm.devices import Device, NvmeController, RenderContext
 from harness.vm.machine import VM, run_base
 from harness.vm.spec import MachineSpec
 
-if TYPE_CHECKING:
-    from harness.session import Harness
+
+
+class VMMaker(Protocol):
+    """What a store needs from a session (harness.session.Harness): the unstarted VM
+    it would cold-boot for a machine."""
+
+    def vm(self, spec: MachineSpec, *, name: str = "vm", boot_timeout: float = 60.0, trace: bool = True) -> VM: ...
 
 __all__ = ["MIGRATABLE_KINDS", "HOTPLUG_KINDS", "PcieRootPort", "SnapshotPlan", "Snapshot", "SnapshotStore",
            "RestoredVM", "SnapshotUnsupported", "snapshot_plan", "snapshot_key", "SNAPSHOT_INFO",
@@ -274,12 +279,13 @@ class SnapshotStore:
     """The snapshots of one session, keyed by :func:`snapshot_key`, each saved on
     first use; a context manager whose exit removes them all.
 
-    ``harness``: the session whose images, QEMU and accelerator the VMs use.
+    ``harness``: the session (a :class:`VMMaker`, e.g. harness.session.Harness) whose
+    images, QEMU and accelerator the VMs use.
     :meth:`vm` is the one entry point: a VM restored from the snapshot of its
     machine, or a cold-booted one carrying the reason (``start_note``).
     """
 
-    def __init__(self, harness: Harness, base: Path | None = None):
+    def __init__(self, harness: VMMaker, base: Path | None = None):
         self.harness = harness
         self.base = base
         self.folder: Path | None = None
