@@ -227,9 +227,7 @@ def ensure_initrd(cache: ImageCache, key_pair: SSHKey, *, refresh: bool = False)
 
 
 def _prune_initrds(cache: ImageCache, keep: int) -> None:
-    """Each overlay edit makes a new full-size initrd; keep only the ``keep`` newest.
-    (A running QEMU has already read its initrd into guest memory.)"""
-    entries = [d for d in cache.path("initrd").iterdir() if (d / "manifest.json").is_file()]
-    entries.sort(key=lambda d: (d / "manifest.json").stat().st_mtime, reverse=True)
-    for old in entries[keep:]:
-        shutil.rmtree(old, ignore_errors=True)
+    """Each overlay edit makes a new full-size initrd; keep only the ``keep`` most
+    recently built or used, never one a live session holds (ImageCache.prune; a
+    running QEMU has already read its initrd into guest memory)."""
+    cache.prune("initrd", keep)

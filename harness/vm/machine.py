@@ -507,7 +507,7 @@ class VM:
                 with contextlib.suppress(Exception):
                     self._ssh.close()
                 self._ssh = None
-            raise VMError(f"{self.name}: SSH command {command!r} failed: {exc}") from exc
+            raise VMError(f"{self.name}: SSH command {command!r} failed: {exc or type(exc).__name__}") from exc
 
     # ------------------------------------------------------------------ teardown
     def shutdown(self) -> None:

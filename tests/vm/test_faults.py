@@ -456,7 +456,9 @@ def test_ssh_cut(run_base: Path, vm_factory, measured) -> None:
         vm.ssh_run("true", timeout=10)
     reported = time.monotonic() - t0
     measured("seconds_to_report", reported)
-    assert "SSH session not active" in str(info.value)
+    # paramiko reports the cut as "SSH session not active", or with an empty message
+    # when the transport dies while the channel opens (seen under load)
+    assert "SSH session not active" in str(info.value) or str(info.value).endswith("failed: SSHException")
     assert reported < REPORT_SLACK
     assert vm.agent.call("ping", timeout=10)["uptime"] > 0
     vm.close()
