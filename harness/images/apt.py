@@ -19,20 +19,9 @@ DEBIAN_MIRROR = "http://deb.debian.org/debian"
 
 
 def apt_options(cache: ImageCache, suite: str) -> list[str]:
-    """``apt-get`` options for a private state of ``suite`` (main) under the cache."""
-    base = cache.path("apt", suite)
-    (base / "lists" / "partial").mkdir(parents=True, exist_ok=True)
-    (base / "archives" / "partial").mkdir(parents=True, exist_ok=True)
-    sources = base / "sources.list"
-    sources.write_text(f"deb {DEBIAN_MIRROR} {suite} main\n")
-    return [
-        "-o", f"Dir::Etc::SourceList={sources}",
-        "-o", "Dir::Etc::SourceParts=/dev/null",
-        "-o", f"Dir::State::Lists={base / 'lists'}",
-        "-o", f"Dir::Cache::Archives={base / 'archives'}",
-        "-o", "Debug::NoLocking=1",
-        "-o", "APT::Sandbox::User=root",
-    ]
+    """``apt-get`` options for a private state of ``suite`` (main) under the cache
+    (``<cache>/apt/<suite>/``: :func:`apt_options_suites` of that one suite)."""
+    return apt_options_suites(cache, [suite])
 
 
 def download(cache: ImageCache, package: str, suite: str, *, log: Path) -> tuple[Path, str]:
