@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.unit.test_cli_errors import assert_one_line_error
 from harness.errors import ConfigError, ImageError, KernelConfigError
 from harness.images import kernel as k
 from harness.images.cache import ImageCache, content_key, recipes_dir
@@ -35,13 +36,8 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
 
 
 def one_line_exit_2(proc: subprocess.CompletedProcess[str], *needles: str) -> str:
-    assert proc.returncode == 2, (proc.stdout, proc.stderr)
-    assert "Traceback" not in proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
+    assert_one_line_error(proc, *needles)
+    return proc.stderr.strip()
 
 
 def fake_bzimage(path: Path, release: str = "7.2.12") -> Path:
