@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import hashlib
-import struct
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
+
+from guest_agent.mem import pattern_bytes as pattern_bytes  # the bytes the agent writes: one definition for both sides
 
 if TYPE_CHECKING:
     pass
@@ -46,16 +47,6 @@ GNTST_NAMES = {0: "okay", -1: "general_error", -2: "bad_domain", -3: "bad_gntref
                -8: "permission_denied", -10: "bad_copy_arg", -13: "no_space", 1: "not reached"}
 
 
-def pattern_bytes(seed: int, length: int) -> bytes:
-    """The bytes of the guest agent's ``mem.write(pattern=seed, length=n)``
-    (guest_agent.mem.pattern_bytes: sha256 of (seed, 16-byte block number), 16 bytes
-    a block)."""
-    out = bytearray()
-    block = 0
-    while len(out) < length:
-        out += hashlib.sha256(struct.pack("<QQ", seed, block)).digest()[:16]
-        block += 1
-    return bytes(out[:length])
 
 
 def sha(data: bytes) -> str:
