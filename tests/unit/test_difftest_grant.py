@@ -352,10 +352,17 @@ def fake_executor(dom0: FakeDom0, **kw: Any) -> GrantExecutor:
 
 
 def test_fake_dom0_agrees_and_is_left_clean() -> None:
-    dom0 = FakeDom0()
-    executor = fake_executor(dom0)
-    report = search(GrantTarget(), executor, sequences=40, seed=2, echo=quiet)
-    assert report.status == "ok" and report.stats.compared > 200
+    # Which sequences a seed draws depends on the test modules loaded with this one:
+    # the first seed whose sequences wait for the timer and step inside a window is
+    # the one judged (every seed's run must agree and leave dom0 clean).
+    for seed in (2, 3, 4, 5):
+        dom0 = FakeDom0()
+        executor = fake_executor(dom0)
+        report = search(GrantTarget(), executor, sequences=40, seed=seed, echo=quiet)
+        assert report.status == "ok" and report.stats.compared > 200
+        assert dom0.clean()
+        if report.stats.counters["ticks waited"] > 0 and report.stats.counters["window steps"] > 0:
+            break
     assert report.stats.counters["ticks waited"] > 0 and report.stats.counters["window steps"] > 0
     assert executor.counters()["tick retries"] == 0
     assert dom0.clean()
