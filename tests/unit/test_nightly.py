@@ -1,10 +1,17 @@
 """``python -m harness images key`` and ``python -m harness nightly-history``: the recipe
 keys a CI cache is keyed by, and the history of verdict counts that shows a
-regression as a change (harness/nightly.py)."""
+regression as a change (harness/nightly.py); and the nightly workflows that use them
+(.github/workflows/nightly.yml, .gitlab-ci.yml: their matrix, each entry's image cache
+key, the entry kernel's build step run with a stand-in Python, their timeouts)."""
 
 import json
+import os
+import re
+import shlex
+import shutil
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -313,3 +320,117 @@ def test_bad_label_and_history_folder(tmp_path):
     assert_one_line_error(run_cli("nightly-history", str(xml)), "--history")
     assert_one_line_error(run_cli("nightly-history", str(xml), "--history", str(tmp_path / "h"), "--keep", "-1"),
                           "--keep -1 is negative")
+
+
+# --- the nightly workflows (.github/workflows/nightly.yml, .gitlab-ci.yml) ---------------------
+
+GITHUB = ROOT / ".github" / "workflows" / "nightly.yml"
+GITLAB = ROOT / ".gitlab-ci.yml"
+
+
+def matrix_entries(text: str, name: str) -> list[str]:
+    """The values of the matrix line ``name: ["a", "b"]`` of a workflow."""
+    found = re.findall(rf"^\s*(?:- )?{name}: (\[.*\])\s*$", text, re.MULTILINE)
+    assert len(found) == 1, (name, found)
+    values = json.loads(found[0])
+    assert isinstance(values, list) and all(isinstance(v, str) for v in values)
+    return values
+
+
+def step_script(text: str, name: str) -> str:
+    """The ``run: |`` block of the GitHub workflow step called ``name``, dedented."""
+    lines = text.splitlines()
+    start = next(i for i, ln in enumerate(lines) if ln.strip() == f"- name: {name}")
+    run = next(i for i in range(start + 1, len(lines)) if lines[i].strip() == "run: |")
+    indent = len(lines[run]) - len(lines[run].lstrip())
+    body: list[str] = []
+    for ln in lines[run + 1:]:
+        if ln.strip() and len(ln) - len(ln.lstrip()) <= indent:
+            break
+        body.append(ln)
+    return textwrap.dedent("\n".join(body)) + "\n"
+
+
+def run_step(script: str, folder: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """Run a workflow shell step in ``folder``, ``.venv/bin/python`` being this Python."""
+    script = script.replace(".venv/bin/python", shlex.quote(sys.executable))
+    return subprocess.run(["bash", "-eo", "pipefail", "-c", script], cwd=folder, capture_output=True, text=True,
+                          timeout=120, env={**os.environ, **env})
+
+
+def test_the_matrices_name_the_kernel_and_qemu_versions_the_harness_builds() -> None:
+    from harness.images.kernel import KERNEL_SOURCES
+    from harness.images.qemu import QEMU_VERSIONS
+    github, gitlab = GITHUB.read_text(), GITLAB.read_text()
+    kernels, qemus = matrix_entries(github, "kernel"), matrix_entries(github, "qemu")
+    assert kernels == ["default", "7.2"] and qemus == ["default", "10.0"]
+    assert set(kernels) - {"default"} <= set(KERNEL_SOURCES) and set(qemus) - {"default"} <= set(QEMU_VERSIONS)
+    assert (matrix_entries(gitlab, "KERNEL"), matrix_entries(gitlab, "QEMU")) == (kernels, qemus)
+
+
+@pytest.mark.parametrize("kernel, has_own", [("default", False), ("7.2", True), ("/srv/bzImage", False)])
+def test_each_kernel_entry_has_its_own_image_cache_key(tmp_path: Path, kernel: str, has_own: bool) -> None:
+    """The recipe keys the Actions cache of the entry's images is keyed by: the 7.2 entries'
+    name Linux 7.2's recipe key too, so their cache (which holds it) is not the default's."""
+    text = GITHUB.read_text()
+    assert "key: dma-images-${{ hashFiles('entry-keys.txt') }}" in text
+    env = {"GITHUB_ENV": str(tmp_path / "github-env"), "GITHUB_WORKSPACE": str(tmp_path),
+           "QEMU_ENTRY": "default", "KERNEL_ENTRY": kernel}
+    proc = run_step(step_script(text, "Cache folder, entry name and recipe keys"), tmp_path, env)
+    assert proc.returncode == 0, proc.stderr
+    keys = dict(ln.split() for ln in (tmp_path / "entry-keys.txt").read_text().splitlines())
+    from harness.images.qemu import qemu_key
+    expected = {"kernel": recipe_key(), "xen": xen_key(), "qemu-10.0": qemu_key("10.0")}
+    if has_own:
+        expected[f"kernel-{kernel}"] = recipe_key(version=kernel)
+    assert keys == expected
+    assert f"ENTRY_SLUG=qemu-default-kernel-{kernel.replace('/', '_')}" in (tmp_path / "github-env").read_text()
+
+
+FAKE_PYTHON = """#!/bin/sh
+echo "$@" >> "{log}"
+"""
+
+
+@pytest.mark.parametrize("kernel, built", [("7.2", True), ("/srv/bzImage", False)])
+def test_the_entry_kernel_is_built_when_it_is_a_version(tmp_path: Path, kernel: str, built: bool) -> None:
+    github, gitlab = GITHUB.read_text(), GITLAB.read_text()
+    assert "if: ${{ matrix.kernel != 'default' }}" in github.split("- name: Build or reuse the entry's kernel")[1] \
+        .split("- name:")[0]
+    keys = run_cli("images", "key").stdout
+    (tmp_path / "image-keys.txt").write_text(keys)
+    (tmp_path / "entry-keys.txt").write_text("".join(ln + "\n" for ln in keys.splitlines()
+                                                      if ln.split()[0] in ("kernel", f"kernel-{kernel}")))
+    fake = tmp_path / "fake-python"
+    fake.write_text(FAKE_PYTHON.format(log=tmp_path / "calls"))
+    fake.chmod(0o755)
+    github_step = step_script(github, "Build or reuse the entry's kernel").replace(".venv/bin/python", str(fake))
+    gitlab_line = next(ln.strip()[2:] for ln in gitlab.splitlines() if "images build kernel" in ln)
+    for script, env in ((github_step, {"KERNEL_ENTRY": kernel}), (gitlab_line.replace(".venv/bin/python", str(fake)),
+                                                                  {"KERNEL": kernel})):
+        (tmp_path / "calls").unlink(missing_ok=True)
+        proc = subprocess.run(["bash", "-e", "-c", script], cwd=tmp_path, capture_output=True, text=True,
+                              timeout=60, env={**os.environ, **env})
+        assert proc.returncode == 0, proc.stderr
+        calls = (tmp_path / "calls").read_text().splitlines() if (tmp_path / "calls").exists() else []
+        assert calls == ([f"-m harness images build kernel --version {kernel}"] if built else []), script
+
+
+def test_the_timeouts_allow_a_cold_kernel_7_2_build() -> None:
+    """Linux 7.2's cold build took 52 minutes on 2 loaded cores; the default entries had 150."""
+    github, gitlab = GITHUB.read_text(), GITLAB.read_text()
+    m = re.search(r"timeout-minutes: \$\{\{ matrix\.kernel == 'default' && ([0-9]+) \|\| ([0-9]+) \}\}", github)
+    assert m is not None
+    default, other = int(m[1]), int(m[2])
+    assert default >= 150 and other >= default + 60
+    m = re.search(r"^  timeout: ([0-9]+)m$", gitlab, re.MULTILINE)
+    assert m is not None and int(m[1]) >= other
+    assert "- key: dma-images-$KERNEL\n" in gitlab  # a default entry's cache must not replace the 7.2 entries'
+
+
+def test_actionlint_accepts_the_github_workflow() -> None:
+    tool = shutil.which("actionlint") or str(Path(sys.executable).parent / "actionlint")
+    if not Path(tool).is_file():
+        pytest.skip("actionlint is not installed (pip install -e '.[dev]')")
+    proc = subprocess.run([tool, str(GITHUB)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
