@@ -10,6 +10,7 @@ from typing import Any
 from harness.errors import DeviceConfigError
 from harness.vm.accel import ACCELS
 from harness.vm.devices import IOMMU_KINDS, Device, IntelIommu, NvmeController, RenderContext
+from harness.vm.pmem import UsrDimm
 from harness.vm.xen import XEN_CPU, XEN_KERNEL_OPTIONS, XenHost
 
 HARNESS = "the harness"
@@ -120,14 +121,20 @@ class MachineSpec:
             args.append(self.cmdline)
         return " ".join(args)
 
-    def machine_argv(self, ctx: RenderContext) -> list[str]:
-        """``-machine ... -cpu ... -m ... -smp ...`` plus every device, IOMMU first."""
+    def machine_argv(self, ctx: RenderContext, dimm: UsrDimm | None = None) -> list[str]:
+        """``-machine ... -cpu ... -m ... -smp ...`` plus every device, IOMMU first;
+        with ``dimm``, the NVDIMM that holds the guest's ``/usr`` (harness.vm.pmem)."""
         mopts = [self.machine, f"accel={ctx.accel}"]
         iommu = self.iommu
         if isinstance(iommu, IntelIommu) and iommu.intremap and ctx.accel == "kvm":
             mopts.append("kernel-irqchip=split")
+        if dimm is not None:
+            mopts += dimm.machine_options()
+        memory = dimm.memory_option(self.memory_mib) if dimm is not None else str(self.memory_mib)
         argv = ["-machine", ",".join(mopts), "-cpu", self.cpu_model(ctx.accel),
-                "-m", str(self.memory_mib), "-smp", str(self.cpus)]
+                "-m", memory, "-smp", str(self.cpus)]
+        if dimm is not None:
+            argv += dimm.argv()
         ordered = sorted(self.devices, key=lambda d: not isinstance(d, IOMMU_KINDS))
         for d in ordered:
             argv += d.argv(ctx)
