@@ -225,15 +225,17 @@ def ensure_initrd(cache: ImageCache, key_pair: SSHKey, *, refresh: bool = False)
     overlay.update(agent)
     split = (base / usr_image.USR_IMAGE).is_file()
     usr_init = (r / USR_INIT.lstrip("/")).read_bytes()
+    usr_fstab = (r / "fstab.usr").read_bytes()
     key = content_key({"base": base.name, **overlay, "magic": importlib.util.MAGIC_NUMBER.hex(),
-                       "split": USR_INIT + "\n" + usr_init.decode() if split else ""})
+                       "split": (usr_init + usr_fstab).decode() if split else ""})
     host_key = (base / "ssh_host_ed25519_key.pub").read_text().strip()
     with cache.lock("initrd", key):
         if not cache.complete("initrd", key):
             with cache.building("initrd", key, private=True) as out:
                 _write_initrd(out / "initrd.cpio", base / "base.cpio", overlay)
                 if split:
-                    extra = {USR_INIT.lstrip("/"): usr_init, "busybox": (base / usr_image.BUSYBOX).read_bytes()}
+                    extra = {USR_INIT.lstrip("/"): usr_init, "busybox": (base / usr_image.BUSYBOX).read_bytes(),
+                             "etc/fstab.usr": usr_fstab}
                     _write_initrd(out / "initrd-usr.cpio", base / usr_image.REST_CPIO, overlay, extra)
                 (out / "manifest.json").write_text(json.dumps({"key": key, "base": base.name}) + "\n")
             _prune_initrds(cache, keep=KEEP_INITRDS)
