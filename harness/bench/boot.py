@@ -132,10 +132,10 @@ def run(h: Harness, spec: MachineSpec, *, runs: int, trace: bool = False, floor:
         raise HarnessError("--runs must be at least 1")
     floor_initrd = ensure_floor_initrd(h.cache) if floor else None
     out(f"host: {host_load()} (before)")
-    out(f"boot path: {h.images(spec).describe(spec.xen is not None)}")
+    out(f"boot path: {h.images(spec).describe(spec)}")
     if floor_initrd is not None:
-        floor_images = h.images(spec.replace(initrd=str(floor_initrd)))
-        out(f"floor boot path: {floor_images.describe(spec.xen is not None)}")
+        floor_spec = spec.replace(initrd=str(floor_initrd))
+        out(f"floor boot path: {h.images(floor_spec).describe(floor_spec)}")
     times: list[float] = []
     floor_times: list[float] = []
     for i in range(runs):

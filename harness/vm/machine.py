@@ -82,32 +82,35 @@ class BootImages:
     usr_initrd: Path | None = None
     usr_init: str = "/init.usr"
 
-    def boot_kernel(self, xen: bool) -> Path:
+    def boot_kernel(self, spec: MachineSpec) -> Path:
         """The file for ``-kernel`` (dom0's kernel under Xen is always the bzImage)."""
-        return self.pvh_kernel if self.pvh_kernel is not None and not xen else self.kernel
+        return self.pvh_kernel if self.pvh_kernel is not None and spec.xen is None else self.kernel
 
-    def usr_dimm(self, xen: bool) -> UsrDimm | None:
+    def usr_dimm(self, spec: MachineSpec) -> UsrDimm | None:
         """The NVDIMM holding ``/usr``, or None (Xen, or no image)."""
-        return UsrDimm(self.usr_image) if self.usr_image is not None and not xen else None
+        return UsrDimm(self.usr_image) if self.usr_image is not None and spec.xen is None else None
 
-    def boot_initrd(self, xen: bool) -> Path:
+    def split_root(self, spec: MachineSpec) -> bool:
+        """Whether the guest boots the split root (``rdinit=`` :attr:`usr_init`): not
+        when ``spec``'s command line names its own ``rdinit=`` or ``init=``, which gets
+        the whole root as its initramfs."""
+        own_init = any(arg.startswith(("rdinit=", "init=")) for arg in spec.cmdline.split())
+        return self.usr_dimm(spec) is not None and self.usr_initrd is not None and not own_init
+
+    def boot_initrd(self, spec: MachineSpec) -> Path:
         """The file for ``-initrd`` (under Xen: dom0's initrd module)."""
-        return self.usr_initrd if self.split_root(xen) and self.usr_initrd is not None else self.initrd
+        return self.usr_initrd if self.split_root(spec) and self.usr_initrd is not None else self.initrd
 
-    def describe(self, xen: bool) -> str:
+    def describe(self, spec: MachineSpec) -> str:
         """One line: how the kernel and the root boot (for benchmarks and logs)."""
-        kernel = "PVH entry of the uncompressed vmlinux" if self.boot_kernel(xen) != self.kernel else "bzImage"
-        initrd = self.boot_initrd(xen)
+        kernel = "PVH entry of the uncompressed vmlinux" if self.boot_kernel(spec) != self.kernel else "bzImage"
+        initrd = self.boot_initrd(spec)
         mib = initrd.stat().st_size / (1 << 20) if initrd.is_file() else 0.0
-        if self.split_root(xen):
+        if self.split_root(spec):
             root = f"/usr erofs on an NVDIMM + {mib:.1f} MiB initramfs"
         else:
-            root = f"{mib:.1f} MiB initramfs" + (" (NVDIMM attached)" if self.usr_dimm(xen) else "")
+            root = f"{mib:.1f} MiB initramfs" + (" (NVDIMM attached)" if self.usr_dimm(spec) else "")
         return f"kernel: {kernel}; root: {root}"
-
-    def split_root(self, xen: bool) -> bool:
-        """Whether the guest boots the split root (``rdinit=`` :attr:`usr_init`)."""
-        return self.usr_dimm(xen) is not None and self.usr_initrd is not None
 
 
 def find_qemu(binary: str | None = None) -> str:
@@ -318,9 +321,7 @@ class VM:
         ctx = RenderContext(self.path(""), self.accel)
         argv = [self.qemu, "-name", self.name, "-nodefaults", "-no-user-config", "-display", "none",
                 "-no-reboot", "-msg", "timestamp=off"]
-        xen = self.spec.xen is not None
-        dimm = self.images.usr_dimm(xen)
-        argv += self.spec.machine_argv(ctx, dimm)
+        argv += self.spec.machine_argv(ctx, self.images.usr_dimm(self.spec))
         if self.spec.xen is not None:
             if self.images.hypervisor is None:
                 raise VMError("a Xen machine needs images.hypervisor (the Xen ELF)")
@@ -328,7 +329,8 @@ class VM:
                      "-initrd", self.spec.xen.modules(str(self.images.kernel), self.kernel_cmdline(),
                                                       str(self.images.initrd))]
         else:
-            argv += ["-kernel", str(self.images.boot_kernel(xen)), "-initrd", str(self.images.boot_initrd(xen)),
+            argv += ["-kernel", str(self.images.boot_kernel(self.spec)),
+                     "-initrd", str(self.images.boot_initrd(self.spec)),
                      "-append", self.kernel_cmdline()]
         argv += ["-chardev", f"socket,id=qmp0,path={self.path('qmp.sock')},server=on,wait=off",
                  "-mon", "chardev=qmp0,mode=control"]
@@ -348,8 +350,8 @@ class VM:
     def kernel_cmdline(self) -> str:
         """The spec's command line plus the guest tracing the harness asks for."""
         cmdline = self.spec.kernel_cmdline()
-        if self.images.split_root(self.spec.xen is not None):
-            cmdline += f" rdinit={self.images.usr_init}"
+        if self.images.split_root(self.spec):  # first: a later rdinit= of the spec's would win
+            cmdline = f"rdinit={self.images.usr_init} {cmdline}"
         if self.guest_trace_events:
             cmdline += (f" trace_event={','.join(self.guest_trace_events)}"
                         f" trace_buf_size={self.guest_trace_buffer_kb}K")

@@ -189,7 +189,7 @@ def _ignore_shared(vm: VM) -> None:
     block out of the stream (capability ``x-ignore-shared``, QEMU >= 4.0; set on
     both sides): the restored QEMU maps the same file, and loading the image into
     a read-only mapping would fail."""
-    if vm.images.usr_dimm(vm.spec.xen is not None) is not None:
+    if vm.images.usr_dimm(vm.spec) is not None:
         vm.qmp.cmd("migrate-set-capabilities", capabilities=[{"capability": "x-ignore-shared", "state": True}])
 
 
@@ -208,9 +208,8 @@ def snapshot_key(vm: VM) -> str:
     launched. Raises OSError when an image file is missing."""
     recipe = {
         "spec": vm.spec.to_table(), "cpu": vm.spec.cpu_model(vm.accel), "cmdline": vm.kernel_cmdline(),
-        "kernel": _file_id(vm.images.boot_kernel(vm.spec.xen is not None)),
-        "initrd": _file_id(vm.images.boot_initrd(vm.spec.xen is not None)),
-        "usr_image": _file_id(vm.images.usr_image if vm.images.usr_dimm(vm.spec.xen is not None) else None),
+        "kernel": _file_id(vm.images.boot_kernel(vm.spec)), "initrd": _file_id(vm.images.boot_initrd(vm.spec)),
+        "usr_image": _file_id(vm.images.usr_image if vm.images.usr_dimm(vm.spec) else None),
         "hypervisor": _file_id(vm.images.hypervisor), "qemu": vm.qemu, "qemu_version": _qemu_version(vm.qemu),
         "accel": vm.accel, "trace_events": list(vm.trace_events),
     }
@@ -446,7 +445,7 @@ class RestoredVM(VM):
         # The guest has booted: QEMU needs -initrd for the same machine (x86_load_linux) but its
         # content only ever reaches fw_cfg, never a RAM block the migration compares; an empty
         # file spares reading the whole initramfs at every restore.
-        initrd = str(self.images.boot_initrd(self.spec.xen is not None))
+        initrd = str(self.images.boot_initrd(self.spec))
         for i in range(len(argv) - 1):
             if argv[i] == "-initrd" and argv[i + 1] == initrd:
                 argv[i + 1] = str(self.snapshot.empty_initrd)

@@ -32,7 +32,7 @@ def test_split_root_boots_the_pvh_kernel_small_initrd_and_nvdimm(tmp_path, usr):
     argv = _argv(tmp_path, MachineSpec(memory_mib=1024), images)
     assert argv[argv.index("-kernel") + 1] == "/k/vmlinux"
     assert argv[argv.index("-initrd") + 1] == "/i/initrd-usr.cpio"
-    assert argv[argv.index("-append") + 1].split()[-1] == "rdinit=/init.usr"
+    assert argv[argv.index("-append") + 1].split()[0] == "rdinit=/init.usr"
     assert argv[argv.index("-machine") + 1].endswith(",nvdimm=on")
     assert argv[argv.index("-m") + 1] == "1024,slots=1,maxmem=1056M"
     backend = argv[argv.index("-object") + 1]
@@ -47,6 +47,15 @@ def test_a_specs_own_initrd_keeps_the_machine_but_not_the_first_stage(tmp_path, 
     assert argv[argv.index("-initrd") + 1] == "/floor.cpio"
     assert "rdinit=" not in argv[argv.index("-append") + 1]
     assert "nvdimm=on" in argv[argv.index("-machine") + 1]
+
+
+@pytest.mark.parametrize("own", ["rdinit=/bin/cat", "init=/sbin/other"])
+def test_a_cmdline_naming_its_own_init_gets_the_whole_root(tmp_path, usr, own):
+    images = BootImages(Path("/k/bzImage"), Path("/i/initrd.cpio"), usr_image=usr,
+                        usr_initrd=Path("/i/initrd-usr.cpio"))
+    argv = _argv(tmp_path, MachineSpec(cmdline=f"loglevel=7 {own}"), images)
+    assert argv[argv.index("-initrd") + 1] == "/i/initrd.cpio"
+    assert "rdinit=/init.usr" not in argv[argv.index("-append") + 1]
 
 
 def test_without_shortcuts_the_bzimage_and_whole_initramfs_boot(tmp_path):
