@@ -220,6 +220,7 @@ def ensure_initrd(cache: ImageCache, key_pair: SSHKey, *, refresh: bool = False)
     agent.update(agent_bytecode(agent))
     pub = key_pair.public_line().encode() + b"\n"
     overlay: dict[str, bytes] = {"init": (r / "init").read_bytes(), "etc/fstab": (r / "fstab").read_bytes(),
+                                 "etc/dma-harness/start-agent": (r / "start-agent").read_bytes(),
                                  "etc/ssh/sshd_config.d/dma-harness.conf": (r / "sshd_config").read_bytes(),
                                  "etc/ssh/authorized_keys/root": pub}
     overlay.update(agent)
