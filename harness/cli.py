@@ -486,6 +486,8 @@ def cmd_images(args: argparse.Namespace) -> int:
         xen = ensure_xen(cache, refresh=args.refresh)
         print(f"kernel:  {kernel.bzimage} ({kernel.origin})")
         print(f"initrd:  {initrd.path}")
+        if initrd.usr_image is not None:
+            print(f"/usr:    {initrd.usr_image} (erofs, with {initrd.usr_initrd})")
         print(f"ssh key: {key.private}")
         print(f"xen:     {xen.path} (Debian {xen.version})")
         return 0

@@ -5,6 +5,7 @@ over it."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from pathlib import Path
 
@@ -12,7 +13,9 @@ from harness.errors import ConfigError, ImageError
 
 from harness.images.cache import EntryHold, ImageCache
 from harness.images.kernel import KernelImage, check_kernel, resolve_kernel_option, user_kernel
-from harness.images.rootfs import Initrd, ensure_initrd
+from harness.images import usr_image
+from harness.images.rootfs import USR_INIT, Initrd, ensure_initrd
+from harness.images.vmlinux import ensure_pvh_vmlinux
 from harness.images.sshkey import SSHKey, ensure_ssh_key
 from harness.images.xen import ensure_xen
 from harness.options import HarnessOptions
@@ -30,6 +33,7 @@ class Harness:
         self.qemu = find_qemu(options.qemu)
         self._kernel: KernelImage | None = None
         self._images: BootImages | None = None
+        self._initrd: Initrd | None = None
         self._accel: dict[str, AccelChoice] = {}
         self._holds: list[EntryHold] = []  # cache entries this session boots (see close())
 
@@ -51,7 +55,10 @@ class Harness:
     def images(self, spec: MachineSpec | None = None) -> BootImages:
         """Boot images for ``spec`` (its own kernel/initrd if it names them). A user's
         kernel is checked first against what ``spec`` needs (without a spec: what the
-        harness itself needs)."""
+        harness itself needs). The boot shortcuts of :class:`BootImages` are used
+        where the kernel allows them: the PVH entry for the project's own kernels,
+        ``/usr`` on an NVDIMM for any kernel whose configuration is known to have
+        what mounting it needs (harness.images.usr_image.REQUIRED_KCONFIG)."""
         if spec is not None and spec.kernel:
             kernel = user_kernel(spec.kernel, spec.kernel_needs())
         else:
@@ -59,17 +66,33 @@ class Harness:
         if self._images is None:
             key = ensure_ssh_key(self.cache)
             initrd = self._held_initrd(key)
-            self._images = BootImages(self.kernel().bzimage, initrd.path, key.private, initrd.host_key)
+            self._initrd = initrd
+            self._images = self._boot_images(self.kernel(), initrd.path, initrd)
+            self._images = dataclasses.replace(self._images, ssh_key=key.private, host_key=initrd.host_key)
         images = self._images
         if spec is not None and (spec.kernel or spec.initrd):
-            images = BootImages(kernel.bzimage, Path(spec.initrd) if spec.initrd else images.initrd,
-                                images.ssh_key, images.host_key)
+            initrd_path = Path(spec.initrd) if spec.initrd else images.initrd
+            images = dataclasses.replace(self._boot_images(kernel, initrd_path, self._initrd),
+                                         ssh_key=images.ssh_key, host_key=images.host_key)
+            if spec.initrd:  # the spec's own root: the same machine (NVDIMM and all), its initrd
+                images = dataclasses.replace(images, usr_initrd=None)
         if spec is not None and spec.xen is not None:
             hypervisor = Path(spec.xen.hypervisor) if spec.xen.hypervisor else ensure_xen(self.cache).path
             if not hypervisor.is_file():
                 raise ConfigError(f"xen.hypervisor {str(hypervisor)!r} is not a file", key="xen.hypervisor")
             images = dataclasses.replace(images, hypervisor=hypervisor)
         return images
+
+    @staticmethod
+    def _boot_images(kernel: KernelImage, initrd: Path, root: Initrd | None) -> BootImages:
+        pvh = None
+        if kernel.origin.startswith("built "):  # the image cache's own: its vmlinux is written beside it
+            with contextlib.suppress(OSError):
+                pvh = ensure_pvh_vmlinux(kernel.bzimage)
+        split = root is not None and root.usr_image is not None and usr_image.kernel_can_mount(kernel.options())
+        return BootImages(kernel.bzimage, initrd, pvh_kernel=pvh,
+                          usr_image=root.usr_image if split and root is not None else None,
+                          usr_initrd=root.usr_initrd if split and root is not None else None, usr_init=USR_INIT)
 
     def _held_initrd(self, key: SSHKey) -> Initrd:
         """The project's initrd, held in the cache for this session (ImageCache.hold),

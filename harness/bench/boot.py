@@ -132,6 +132,10 @@ def run(h: Harness, spec: MachineSpec, *, runs: int, trace: bool = False, floor:
         raise HarnessError("--runs must be at least 1")
     floor_initrd = ensure_floor_initrd(h.cache) if floor else None
     out(f"host: {host_load()} (before)")
+    out(f"boot path: {h.images(spec).describe(spec)}")
+    if floor_initrd is not None:
+        floor_spec = spec.replace(initrd=str(floor_initrd))
+        out(f"floor boot path: {h.images(floor_spec).describe(floor_spec)}")
     times: list[float] = []
     floor_times: list[float] = []
     for i in range(runs):

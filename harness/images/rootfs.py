@@ -1,5 +1,7 @@
 """The guest root filesystem: Debian bookworm from ``mmdebstrap --variant=minbase``
-with the packages listed in ``images/rootfs/packages``, as a newc initramfs.
+with the packages listed in ``images/rootfs/packages``, as a newc initramfs, and
+split into a ``/usr`` erofs image plus a small initramfs (harness.images.usr_image)
+for machines that read ``/usr`` from an emulated NVDIMM (harness.vm.pmem).
 
 Two layers, concatenated into one initrd (the kernel unpacks concatenated cpio
 archives in order):
@@ -12,7 +14,13 @@ archives in order):
 
 An initramfs was chosen over a disk image: every boot starts from a pristine root,
 no per-VM image copy is needed, and no block device of the harness's own shares the
-vIOMMU with the devices under test.
+vIOMMU with the devices under test. The ``/usr`` image keeps those properties: it is
+read-only, shared by every VM, and an NVDIMM is no PCI device (no IOMMU group, no
+DMA), described to the guest by ACPI's NFIT alone.
+
+The split flavour's initrd (``initrd/<key>/initrd-usr.cpio``) is ``rest.cpio``, the
+same overlay, ``/busybox`` and ``/init.usr``: the kernel runs ``/init.usr``
+(``rdinit=``), which mounts ``/usr`` and hands over to the same ``/init``.
 """
 
 from __future__ import annotations
@@ -34,11 +42,12 @@ from harness.images.cache import ImageCache, content_key, make_private, recipes_
 from harness.images.cpio import NewcWriter, tar_to_newc
 from harness.images.sshkey import SSHKey
 from harness.images.steps import announce, run_step
+from harness.images import usr_image
 
 SUITE = "bookworm"
 GUEST_PYTHON = (3, 11)  # bookworm's python3: the agent's bytecode is compiled for it
 DEBIAN_MIRROR = "http://deb.debian.org/debian"
-RECIPE_VERSION = "rootfs-recipe-2"
+RECIPE_VERSION = "rootfs-recipe-3"
 AGENT_PACKAGE = "guest_agent"  # copied into the guest as /opt/dma-harness/guest_agent
 KEEP_INITRDS = 4
 EXCLUDES = ["/usr/share/doc/*", "/usr/share/man/*", "/usr/share/info/*", "/usr/share/locale/*",
@@ -91,10 +100,20 @@ def _trimmed(name: str) -> bool:
 
 @dataclass(frozen=True)
 class Initrd:
-    """The bootable initramfs and the guest's SSH host public key (for pinning)."""
+    """The bootable initramfs and the guest's SSH host public key (for pinning).
+
+    ``usr_image`` / ``usr_initrd``: the split flavour (``/usr`` as an erofs image,
+    the rest as a small initramfs whose kernel must be told ``rdinit=`` :data:`USR_INIT`),
+    or None when the base was built without it (no ``mkfs.erofs`` on the host)."""
 
     path: Path
     host_key: str  # "ssh-ed25519 AAAA..." line of the guest's host key
+    usr_image: Path | None = None
+    usr_initrd: Path | None = None
+
+
+USR_INIT = "/init.usr"
+"""The split flavour's first-stage init (images/rootfs/init.usr)."""
 
 
 def packages() -> list[str]:
@@ -115,7 +134,8 @@ def ensure_base(cache: ImageCache, *, refresh: bool = False) -> Path:
             shutil.rmtree(cache.entry("rootfs", key))
         if not cache.complete("rootfs", key):
             _build_base(cache, key)
-        make_private(cache.entry("rootfs", key), "base.cpio")  # it holds the guest's SSH host private keys
+        # base.cpio and rest.cpio hold the guest's SSH host private keys
+        make_private(cache.entry("rootfs", key), "base.cpio", usr_image.REST_CPIO)
     return cache.entry("rootfs", key)
 
 
@@ -138,10 +158,16 @@ def _build_base(cache: ImageCache, key: str) -> None:
         if not (out / "ssh_host_ed25519_key.pub").is_file():
             raise ImageError("the root filesystem has no SSH host key", log=str(log))
         entries = tar_to_newc(tar, out / "base.cpio", skip=_trimmed)
+        split: dict[str, int] | str
+        if usr_image.mkfs_available():
+            split = usr_image.build(tar, out, skip=_trimmed, log=log)
+        else:
+            split = f"{usr_image.MKFS} not found: every VM unpacks the whole root as its initramfs"
+            announce(f"{split} (install erofs-utils for faster boots)")
         tar.unlink()
         (out / "manifest.json").write_text(json.dumps({
             "key": key, "suite": SUITE, "packages": packages(), "entries": entries,
-            "bytes": (out / "base.cpio").stat().st_size,
+            "bytes": (out / "base.cpio").stat().st_size, "usr_image": split,
             "build_seconds": round(time.monotonic() - started, 1),
             "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }, indent=2) + "\n")
@@ -186,44 +212,69 @@ def agent_bytecode(sources: dict[str, bytes]) -> dict[str, bytes]:
 
 
 def ensure_initrd(cache: ImageCache, key_pair: SSHKey, *, refresh: bool = False) -> Initrd:
-    """Return the full initrd (base + overlay), building whichever layer is stale."""
+    """Return the initrds (full, and the split flavour's if the base has a ``/usr``
+    image), building whichever layer is stale."""
     base = ensure_base(cache, refresh=refresh)
     r = recipes_dir() / "rootfs"
     agent = _agent_files()
     agent.update(agent_bytecode(agent))
     pub = key_pair.public_line().encode() + b"\n"
-    overlay_parts: dict[str, str | bytes] = {"base": base.name, "init": (r / "init").read_bytes(),
-                                             "sshd": (r / "sshd_config").read_bytes(), "pub": pub,
-                                             "fstab": (r / "fstab").read_bytes()}
-    overlay_parts.update(agent)
-    overlay_parts["magic"] = importlib.util.MAGIC_NUMBER.hex()
-    key = content_key(overlay_parts)
+    overlay: dict[str, bytes] = {"init": (r / "init").read_bytes(), "etc/fstab": (r / "fstab").read_bytes(),
+                                 "etc/dma-harness/start-agent": (r / "start-agent").read_bytes(),
+                                 "etc/ssh/sshd_config.d/dma-harness.conf": (r / "sshd_config").read_bytes(),
+                                 "etc/ssh/authorized_keys/root": pub}
+    overlay.update(agent)
+    split = (base / usr_image.USR_IMAGE).is_file()
+    usr_init = (r / USR_INIT.lstrip("/")).read_bytes()
+    usr_fstab = (r / "fstab.usr").read_bytes()
+    key = content_key({"base": base.name, **overlay, "magic": importlib.util.MAGIC_NUMBER.hex(),
+                       "split": (usr_init + usr_fstab).decode() if split else ""})
     host_key = (base / "ssh_host_ed25519_key.pub").read_text().strip()
     with cache.lock("initrd", key):
         if not cache.complete("initrd", key):
             with cache.building("initrd", key, private=True) as out:
-                target = out / "initrd.cpio"
-                shutil.copyfile(base / "base.cpio", target)
-                make_private(out, "initrd.cpio")  # the guest's SSH host private keys are in it
-                with open(target, "ab") as fh:
-                    w = NewcWriter(fh)
-                    w.add_file("init", (r / "init").read_bytes(), 0o755)
-                    w.add_file("etc/fstab", (r / "fstab").read_bytes())
-                    w.add_file("etc/ssh/sshd_config.d/dma-harness.conf", (r / "sshd_config").read_bytes())
-                    w.add_dir("etc/ssh/authorized_keys", 0o755)
-                    w.add_file("etc/ssh/authorized_keys/root", pub, 0o600)
-                    for d in ("opt", "opt/dma-harness", "opt/dma-harness/guest_agent",
-                              "opt/dma-harness/guest_agent/__pycache__"):
-                        w.add_dir(d)
-                    for name, data in agent.items():
-                        w.add_file(name, data)
-                    w.close()
+                _write_initrd(out / "initrd.cpio", base / "base.cpio", overlay)
+                if split:
+                    extra = {USR_INIT.lstrip("/"): usr_init, "busybox": (base / usr_image.BUSYBOX).read_bytes(),
+                             "etc/fstab.usr": usr_fstab}
+                    _write_initrd(out / "initrd-usr.cpio", base / usr_image.REST_CPIO, overlay, extra)
                 (out / "manifest.json").write_text(json.dumps({"key": key, "base": base.name}) + "\n")
             _prune_initrds(cache, keep=KEEP_INITRDS)
         for entry in cache.path("initrd").iterdir():  # older entries hold the same host keys
             if entry.is_dir() and not entry.is_symlink():
-                make_private(entry, "initrd.cpio")
-    return Initrd(cache.entry("initrd", key) / "initrd.cpio", host_key)
+                make_private(entry, "initrd.cpio", "initrd-usr.cpio")
+    entry = cache.entry("initrd", key)
+    if split:
+        return Initrd(entry / "initrd.cpio", host_key, base / usr_image.USR_IMAGE, entry / "initrd-usr.cpio")
+    return Initrd(entry / "initrd.cpio", host_key)
+
+
+_EXECUTABLE = ("init", USR_INIT.lstrip("/"), "busybox")
+_SECRET = ("etc/ssh/authorized_keys/root",)
+
+
+def _write_initrd(target: Path, base_cpio: Path, overlay: dict[str, bytes],
+                  extra: dict[str, bytes] | None = None) -> None:
+    """``base_cpio`` followed by a second archive with ``overlay`` and ``extra``
+    (guest path -> content; the folders they need are created; ``init``,
+    ``init.usr`` and ``busybox`` executable). The kernel unpacks concatenated
+    archives in order, so the overlay's files replace the base's."""
+    shutil.copyfile(base_cpio, target)
+    make_private(target.parent, target.name)  # the guest's SSH host private keys are in it
+    files = {**overlay, **(extra or {})}
+    with open(target, "ab") as fh:
+        w = NewcWriter(fh)
+        made: set[str] = set()
+        for name in sorted(files):
+            parts = name.split("/")[:-1]
+            for i in range(1, len(parts) + 1):
+                folder = "/".join(parts[:i])
+                if folder not in made and folder not in ("etc", "etc/ssh", "etc/ssh/sshd_config.d"):
+                    w.add_dir(folder)
+                made.add(folder)
+            perm = 0o755 if name in _EXECUTABLE else 0o600 if name in _SECRET else 0o644
+            w.add_file(name, files[name], perm)
+        w.close()
 
 
 def _prune_initrds(cache: ImageCache, keep: int) -> None:

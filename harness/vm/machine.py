@@ -49,6 +49,7 @@ from harness.vm import ssh as ssh_mod
 from harness.vm.agent import SocketAgent
 from harness.vm.console import Console, tail_lines
 from harness.vm.devices import RenderContext
+from harness.vm.pmem import UsrDimm
 from harness.vm.qmpmonitor import QMPMonitor
 from harness.vm.spec import MachineSpec
 from harness.vm.xen import panic_in
@@ -61,13 +62,55 @@ ARTIFACT_FILES = ("argv.json", "console.log", "qmp.log", "trace.log", "qemu.log"
 
 @dataclass(frozen=True)
 class BootImages:
-    """What a VM boots: kernel, initrd, and the SSH material to reach it."""
+    """What a VM boots: kernel, initrd, and the SSH material to reach it.
+
+    Two optional shortcuts for a machine without Xen (each None: not used):
+    ``pvh_kernel``, the bzImage's uncompressed ELF, booted through its PVH entry
+    (harness.images.vmlinux); ``usr_image``, the guest's ``/usr`` as an erofs image
+    on an NVDIMM (harness.vm.pmem), with ``usr_initrd``, the rest of the root as a
+    small initramfs whose first stage is ``usr_init`` (harness.images.usr_image),
+    booted instead of ``initrd``. A spec's own initrd (the busybox floor) boots with
+    the same NVDIMM attached and no ``usr_initrd``, so the machine is the same."""
 
     kernel: Path
     initrd: Path
     ssh_key: Path | None = None
     host_key: str | None = None
     hypervisor: Path | None = None  # the Xen multiboot ELF, for a spec with ``xen``
+    pvh_kernel: Path | None = None
+    usr_image: Path | None = None
+    usr_initrd: Path | None = None
+    usr_init: str = "/init.usr"
+
+    def boot_kernel(self, spec: MachineSpec) -> Path:
+        """The file for ``-kernel`` (dom0's kernel under Xen is always the bzImage)."""
+        return self.pvh_kernel if self.pvh_kernel is not None and spec.xen is None else self.kernel
+
+    def usr_dimm(self, spec: MachineSpec) -> UsrDimm | None:
+        """The NVDIMM holding ``/usr``, or None (Xen, or no image)."""
+        return UsrDimm(self.usr_image) if self.usr_image is not None and spec.xen is None else None
+
+    def split_root(self, spec: MachineSpec) -> bool:
+        """Whether the guest boots the split root (``rdinit=`` :attr:`usr_init`): not
+        when ``spec``'s command line names its own ``rdinit=`` or ``init=``, which gets
+        the whole root as its initramfs."""
+        own_init = any(arg.startswith(("rdinit=", "init=")) for arg in spec.cmdline.split())
+        return self.usr_dimm(spec) is not None and self.usr_initrd is not None and not own_init
+
+    def boot_initrd(self, spec: MachineSpec) -> Path:
+        """The file for ``-initrd`` (under Xen: dom0's initrd module)."""
+        return self.usr_initrd if self.split_root(spec) and self.usr_initrd is not None else self.initrd
+
+    def describe(self, spec: MachineSpec) -> str:
+        """One line: how the kernel and the root boot (for benchmarks and logs)."""
+        kernel = "PVH entry of the uncompressed vmlinux" if self.boot_kernel(spec) != self.kernel else "bzImage"
+        initrd = self.boot_initrd(spec)
+        mib = initrd.stat().st_size / (1 << 20) if initrd.is_file() else 0.0
+        if self.split_root(spec):
+            root = f"/usr erofs on an NVDIMM + {mib:.1f} MiB initramfs"
+        else:
+            root = f"{mib:.1f} MiB initramfs" + (" (NVDIMM attached)" if self.usr_dimm(spec) else "")
+        return f"kernel: {kernel}; root: {root}"
 
 
 def find_qemu(binary: str | None = None) -> str:
@@ -278,7 +321,7 @@ class VM:
         ctx = RenderContext(self.path(""), self.accel)
         argv = [self.qemu, "-name", self.name, "-nodefaults", "-no-user-config", "-display", "none",
                 "-no-reboot", "-msg", "timestamp=off"]
-        argv += self.spec.machine_argv(ctx)
+        argv += self.spec.machine_argv(ctx, self.images.usr_dimm(self.spec))
         if self.spec.xen is not None:
             if self.images.hypervisor is None:
                 raise VMError("a Xen machine needs images.hypervisor (the Xen ELF)")
@@ -286,7 +329,8 @@ class VM:
                      "-initrd", self.spec.xen.modules(str(self.images.kernel), self.kernel_cmdline(),
                                                       str(self.images.initrd))]
         else:
-            argv += ["-kernel", str(self.images.kernel), "-initrd", str(self.images.initrd),
+            argv += ["-kernel", str(self.images.boot_kernel(self.spec)),
+                     "-initrd", str(self.images.boot_initrd(self.spec)),
                      "-append", self.kernel_cmdline()]
         argv += ["-chardev", f"socket,id=qmp0,path={self.path('qmp.sock')},server=on,wait=off",
                  "-mon", "chardev=qmp0,mode=control"]
@@ -297,7 +341,7 @@ class VM:
                  "-chardev", f"socket,id=agent0,path={self.path('agent.sock')},server=on,wait=off",
                  "-device", f"virtserialport,bus=vser0.0,chardev=agent0,name={AGENT_PORT_NAME}"]
         argv += ["-netdev", f"user,id=net0,hostfwd=tcp:127.0.0.1:{self.ssh_port}-:22",
-                 "-device", "virtio-net-pci,netdev=net0"]
+                 "-device", "virtio-net-pci,netdev=net0,romfile="]  # no iPXE: the kernel is loaded by QEMU
         argv += ["-device", "pvpanic"]
         if self.trace_events:
             argv += ["-trace", f"events={self.path('trace-events')}", "-D", str(self.path("trace.log"))]
@@ -306,6 +350,8 @@ class VM:
     def kernel_cmdline(self) -> str:
         """The spec's command line plus the guest tracing the harness asks for."""
         cmdline = self.spec.kernel_cmdline()
+        if self.images.split_root(self.spec):  # first: a later rdinit= of the spec's would win
+            cmdline = f"rdinit={self.images.usr_init} {cmdline}"
         if self.guest_trace_events:
             cmdline += (f" trace_event={','.join(self.guest_trace_events)}"
                         f" trace_buf_size={self.guest_trace_buffer_kb}K")

@@ -184,6 +184,15 @@ def _qemu_version(qemu: str) -> str:
     return _QEMU_VERSIONS[qemu]
 
 
+def _ignore_shared(vm: VM) -> None:
+    """With the ``/usr`` NVDIMM (harness.vm.pmem), leave its shared, read-only RAM
+    block out of the stream (capability ``x-ignore-shared``, QEMU >= 4.0; set on
+    both sides): the restored QEMU maps the same file, and loading the image into
+    a read-only mapping would fail."""
+    if vm.images.usr_dimm(vm.spec) is not None:
+        vm.qmp.cmd("migrate-set-capabilities", capabilities=[{"capability": "x-ignore-shared", "state": True}])
+
+
 def _file_id(path: Path | None) -> str | None:
     if path is None:
         return None
@@ -199,7 +208,8 @@ def snapshot_key(vm: VM) -> str:
     launched. Raises OSError when an image file is missing."""
     recipe = {
         "spec": vm.spec.to_table(), "cpu": vm.spec.cpu_model(vm.accel), "cmdline": vm.kernel_cmdline(),
-        "kernel": _file_id(vm.images.kernel), "initrd": _file_id(vm.images.initrd),
+        "kernel": _file_id(vm.images.boot_kernel(vm.spec)), "initrd": _file_id(vm.images.boot_initrd(vm.spec)),
+        "usr_image": _file_id(vm.images.usr_image if vm.images.usr_dimm(vm.spec) else None),
         "hypervisor": _file_id(vm.images.hypervisor), "qemu": vm.qemu, "qemu_version": _qemu_version(vm.qemu),
         "accel": vm.accel, "trace_events": list(vm.trace_events),
     }
@@ -355,6 +365,7 @@ class SnapshotStore:
                 with contextlib.suppress(VMError):
                     _trace_event(vm, "*", False)
                 target = folder / "migration.bin"
+                _ignore_shared(vm)
                 vm.qmp.cmd("migrate", uri=f"exec:cat > {shlex.quote(str(target))}")
                 _wait_migration(vm, 300.0, "saving the snapshot")
                 save_seconds = time.monotonic() - t0
@@ -434,7 +445,7 @@ class RestoredVM(VM):
         # The guest has booted: QEMU needs -initrd for the same machine (x86_load_linux) but its
         # content only ever reaches fw_cfg, never a RAM block the migration compares; an empty
         # file spares reading the whole initramfs at every restore.
-        initrd = str(self.images.initrd)
+        initrd = str(self.images.boot_initrd(self.spec))
         for i in range(len(argv) - 1):
             if argv[i] == "-initrd" and argv[i + 1] == initrd:
                 argv[i + 1] = str(self.snapshot.empty_initrd)
@@ -451,6 +462,7 @@ class RestoredVM(VM):
 
     def _restore(self) -> None:
         qmp = self.qmp
+        _ignore_shared(self)
         qmp.cmd("migrate-incoming", uri=f"exec:cat {shlex.quote(str(self.snapshot.migration))}")
         _wait_migration(self, 120.0, "loading the snapshot")
         if self.trace_events:

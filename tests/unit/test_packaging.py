@@ -15,7 +15,7 @@ from harness.images.kernel import recipe_key
 from harness.images.rootfs import _agent_files, base_key
 
 ROOT = Path(__file__).resolve().parents[2]
-RECIPES = ["kernel.fragment", "kernel.required", "host-packages", "rootfs/init", "rootfs/packages",
+RECIPES = ["kernel.fragment", "kernel.required", "host-packages", "rootfs/init", "rootfs/init.usr", "rootfs/fstab.usr", "rootfs/start-agent", "rootfs/packages",
            "rootfs/sshd_config"]
 
 

@@ -21,7 +21,7 @@ def test_iommu_renders_first_and_adds_kernel_args():
     assert devs[2].startswith("nvme-ns,drive=nvme0n1,bus=nvme0,nsid=1,")
     assert "intel_iommu=on iommu.strict=1" in spec.kernel_cmdline()
     assert argv[argv.index("-machine") + 1] == "q35,accel=tcg"
-    assert argv[argv.index("-cpu") + 1] == "max"
+    assert argv[argv.index("-cpu") + 1] == "max,-erms,-fsrm"
 
 
 def test_intremap_under_kvm_splits_irqchip():

@@ -247,8 +247,9 @@ def test_harness_signalled_during_workload(harness_run, run_base: Path, sig: int
                                            message: str, measured) -> None:
     """Ctrl-C: exit 130 and one line. SIGTERM unwinds the same way (SystemExit
     128+15) with its own line. Either way QEMU and the run directory are gone
-    when the process exits."""
-    run = harness_run()
+    when the process exits. The workload is 40 rounds (the small one's 64 I/Os take
+    about a second): the signal must land while it runs, not after."""
+    run = harness_run(rounds=40)
     run.wait_for_workload()
     run.proc.send_signal(sig)
     ended = run.end(since=time.monotonic())
@@ -314,7 +315,7 @@ def test_cache_full_during_initrd_build(dma_harness, small_tmpfs, run_base: Path
     file system with 64 KiB left: exit 2 naming what could not be written, and no
     initrd entry (complete or partial) left behind."""
     shared = dma_harness.cache.root
-    root = small_tmpfs("160m")
+    root = small_tmpfs("320m")  # kernel (bzImage, vmlinux) + rootfs (base.cpio, usr.erofs) entries
     for kind, key in (("kernel", recipe_key()), ("rootfs", base_key())):
         (root / kind).mkdir()
         subprocess.run(["cp", "-a", str(shared / kind / key), str(root / kind / key)], check=True)
