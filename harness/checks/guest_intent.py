@@ -18,7 +18,11 @@ Evidence and model
   mapping grants (iommu-dma's ``dma_info_to_prot``: TO_DEVICE -> read,
   FROM_DEVICE -> write, BIDIRECTIONAL -> both).  One
   :class:`~harness.models.iommu_domain.IommuDomain` per device (PCI source
-  id).  Maps no DMA-API event claims stay *unattributed*: they explain a
+  id).  Linux 7.2's NVMe maps data through the DMA IOVA API
+  (``dma_iova_link``: ``iommu:map``, no DMA-API event); those maps are
+  credited to the controller of the same task's ``nvme:nvme_setup_cmd``
+  (harness/checks/guest_attribution.py says exactly when).  Maps no rule
+  claims stay *unattributed*: they explain a
   translation of any device, and are counted as a warning.  A map followed
   by ``iommu:attach_device_to_domain`` events before any DMA-API event is a
   firmware-requested direct mapping (drivers/iommu/iommu.c
@@ -419,7 +423,7 @@ class GuestIntentChecker:
         warnings: list[str] = []
         if c.unattributed_maps or c.unattributed_unmaps:
             warnings.append(f"{c.unattributed_maps} guest maps and {c.unattributed_unmaps} unmaps had no "
-                            "DMA-API event naming their device; they were applied to every device")
+                            "DMA-API event or NVMe command naming their device; they were applied to every device")
         if c.host_only_invalidations:
             warnings.append(f"{c.host_only_invalidations} QEMU invalidations have no guest qi_submit "
                             "(register-based invalidations at boot are not traced by the guest)")
